@@ -1,0 +1,158 @@
+"""Attention for the Wan backbone: the block-causal pattern, its masks, and the kernels.
+
+Three kernels serve three cases:
+- unmasked attention (bidirectional clips, a KV-cache chunk over its visible past, cross-attention):
+  SDPA by default, or flash-attn when it is installed and selected;
+- the whole-clip block-causal mask: FlexAttention on CUDA (block-sparse, no dense mask), SDPA with
+  a dense boolean mask on CPU, where FlexAttention has no backward.
+Tensors are laid out [B, L, heads, head_dim] throughout, as diffusers' Wan attention does.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("sdpa", "flash_attn")
+
+
+@dataclass(frozen=True)
+class CausalPattern:
+    """Which frames a frame may attend to in the block-causal modes.
+
+    Frames are grouped into blocks of `num_frame_per_block` (with `independent_first_frame`, frame 0
+    is a block of its own and blocks of `num_frame_per_block` follow). A frame attends to every frame
+    of its own block and of all earlier blocks; with `local_attn_size = W > 0`, only to the last W
+    frames up to the end of its block, plus the first `sink_size` frames of the clip.
+    """
+
+    num_frame_per_block: int = 1
+    independent_first_frame: bool = False
+    local_attn_size: int = -1  # frames; -1 = all earlier blocks
+    sink_size: int = 0  # frames at the clip start that stay visible with a local window
+
+    def __post_init__(self):
+        if self.num_frame_per_block < 1:
+            raise ValueError(f"num_frame_per_block must be >= 1, got {self.num_frame_per_block}")
+        if self.local_attn_size != -1 and self.local_attn_size < self.num_frame_per_block:
+            raise ValueError(
+                f"local_attn_size={self.local_attn_size} must be -1 (no window) or at least "
+                f"num_frame_per_block={self.num_frame_per_block}: a block must see all of itself"
+            )
+        if self.sink_size < 0:
+            raise ValueError(f"sink_size must be >= 0, got {self.sink_size}")
+        if self.sink_size and self.local_attn_size == -1:
+            raise ValueError("sink_size > 0 needs a local window (local_attn_size > 0)")
+
+    @property
+    def windowed(self) -> bool:
+        return self.local_attn_size != -1
+
+    def block_start(self, frame: int) -> int:
+        """The first frame of the block that holds `frame`."""
+        if self.independent_first_frame:
+            if frame == 0:
+                return 0
+            return 1 + (frame - 1) // self.num_frame_per_block * self.num_frame_per_block
+        return frame // self.num_frame_per_block * self.num_frame_per_block
+
+    def block_length(self, start: int) -> int:
+        return 1 if (self.independent_first_frame and start == 0) else self.num_frame_per_block
+
+    def check_clip(self, num_frames: int) -> None:
+        first = 1 if self.independent_first_frame else 0
+        if num_frames < 1 or (num_frames - first) % self.num_frame_per_block:
+            what = "1 + a multiple of" if first else "a multiple of"
+            raise ValueError(
+                f"a block-causal clip of {num_frames} latent frames does not split into blocks: "
+                f"expected {what} num_frame_per_block={self.num_frame_per_block}"
+            )
+
+    def check_chunk(self, frame_offset: int, num_frames: int) -> None:
+        if frame_offset < 0 or self.block_start(frame_offset) != frame_offset or (
+            num_frames != self.block_length(frame_offset)
+        ):
+            raise ValueError(
+                f"a chunk of {num_frames} frames at frame offset {frame_offset} is not one block of "
+                f"the pattern (num_frame_per_block={self.num_frame_per_block}, "
+                f"independent_first_frame={self.independent_first_frame}): a chunk must start where a "
+                f"block starts and hold exactly that block"
+            )
+
+    def frame_visibility(self, num_frames: int, device=None) -> torch.Tensor:
+        """[F, F] bool, entry (q, k) true when frame q may attend to frame k."""
+        self.check_clip(num_frames)
+        frames = torch.arange(num_frames, device=device)
+        ends = torch.tensor(
+            [self.block_start(f) + self.block_length(self.block_start(f)) for f in range(num_frames)],
+            device=device,
+        )
+        q_end, k = ends[:, None], frames[None, :]
+        visible = k < q_end
+        if self.windowed:
+            visible &= (k >= q_end - self.local_attn_size) | (k < self.sink_size)
+        return visible
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r} is unknown; expected one of {BACKENDS}")
+    if backend == "flash_attn" and not flash_attn_available():
+        raise ValueError(
+            "attention backend 'flash_attn' was selected but the flash_attn package is not installed; "
+            "install flash-attn (a wheel matching your torch and CUDA) or select 'sdpa'"
+        )
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
+    """Unmasked attention. q: [B, Lq, H, D], k, v: [B, Lk, H, D] -> [B, Lq, H, D]."""
+    if backend == "flash_attn" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        from flash_attn import flash_attn_func  # imported lazily: an optional dependency
+
+        return flash_attn_func(q, k, v)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def block_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: CausalPattern, num_frames: int
+) -> torch.Tensor:
+    """Whole-clip block-causal attention. q, k, v: [B, F*T, H, D] in frame-major token order."""
+    tokens_per_frame = q.shape[1] // num_frames
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    if q.is_cuda:
+        block_mask = _flex_block_mask(pattern, num_frames, tokens_per_frame, q.device)
+        out = _compiled_flex_attention()(qt, kt, vt, block_mask=block_mask)
+    else:
+        visible = pattern.frame_visibility(num_frames, q.device)
+        mask = visible.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.lru_cache(maxsize=16)
+def _flex_block_mask(pattern: CausalPattern, num_frames: int, tokens_per_frame: int, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    visible = pattern.frame_visibility(num_frames, device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return visible[q_idx // tokens_per_frame, kv_idx // tokens_per_frame]
+
+    length = num_frames * tokens_per_frame
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=length, KV_LEN=length, device=device)

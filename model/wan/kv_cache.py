@@ -1,0 +1,201 @@
+"""Static caches for chunk-by-chunk generation: self-attention K/V per layer, cross-attention K/V.
+
+The self-attention cache is preallocated once for the longest clip (or for sink + window frames,
+then it rolls) and all bookkeeping is in Python ints on the host, so a chunk call never syncs
+with the device. Keys are stored after RoPE at their absolute frame positions, so evicting a frame
+changes nothing for the frames that stay.
+
+Slots: frame f lives in slot f, except with a local window, where the frames after the sink share
+a ring of `local_attn_size` slots. Attention is a softmax over a *set* of keys, so the order of
+slots does not matter; the ring holds exactly the sink plus the last `local_attn_size` frames up
+to the end of the current chunk, which is the whole-clip block-causal window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .attention import CausalPattern
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """Where one chunk's tokens go in the cache and which slots it attends to (all in tokens)."""
+
+    writes: tuple[tuple[int, int, int], ...]  # (slot start, chunk start, length)
+    valid: int  # slots [0, valid) hold visible keys once the chunk is written
+    others: tuple[tuple[int, int], ...]  # slot ranges in [0, valid) that hold other frames
+
+
+class KVCache:
+    """Per-layer self-attention K/V: k, v are [num_layers, B, capacity tokens, heads, head_dim]."""
+
+    def __init__(
+        self,
+        pattern: CausalPattern,
+        *,
+        num_layers: int,
+        batch_size: int,
+        tokens_per_frame: int,
+        num_heads: int,
+        head_dim: int,
+        capacity_frames: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
+        if pattern.windowed and capacity_frames != pattern.sink_size + pattern.local_attn_size:
+            raise ValueError(
+                f"a rolling cache holds sink_size + local_attn_size = "
+                f"{pattern.sink_size + pattern.local_attn_size} frames, got capacity_frames={capacity_frames}"
+            )
+        if capacity_frames < 1:
+            raise ValueError(f"capacity_frames must be >= 1, got {capacity_frames}")
+        self.pattern = pattern
+        self.batch_size = batch_size
+        self.tokens_per_frame = tokens_per_frame
+        self.capacity_frames = capacity_frames
+        shape = (num_layers, batch_size, capacity_frames * tokens_per_frame, num_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.end_frame = 0  # frames [0, end_frame) have been written (some may have been evicted)
+
+    @classmethod
+    def for_model(
+        cls,
+        model,
+        pattern: CausalPattern,
+        *,
+        batch_size: int,
+        latent_hw: tuple[int, int],
+        max_frames: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> "KVCache":
+        """Size a cache from the model config and the latent video size.
+
+        Without a local window it holds `max_frames` frames; with one it holds sink + window frames
+        and rolls, so clips of any length fit.
+        """
+        cfg = model.config
+        _, p_h, p_w = cfg.patch_size
+        height, width = latent_hw
+        if height % p_h or width % p_w:
+            raise ValueError(f"latent size {height}x{width} is not divisible by the patch size {p_h}x{p_w}")
+        if pattern.windowed:
+            capacity = pattern.sink_size + pattern.local_attn_size
+        elif max_frames is None:
+            raise ValueError("a cache without a local window needs max_frames (the longest clip, in latent frames)")
+        else:
+            capacity = max_frames
+        param = next(model.parameters())
+        return cls(
+            pattern,
+            num_layers=cfg.num_layers,
+            batch_size=batch_size,
+            tokens_per_frame=(height // p_h) * (width // p_w),
+            num_heads=cfg.num_attention_heads,
+            head_dim=cfg.attention_head_dim,
+            capacity_frames=capacity,
+            dtype=dtype or param.dtype,
+            device=device or param.device,
+        )
+
+    def reset(self) -> None:
+        """Forget all frames (the memory is reused; stale slots are never read)."""
+        self.end_frame = 0
+
+    def _slot(self, frame: int) -> int:
+        sink = self.pattern.sink_size
+        if not self.pattern.windowed or frame < sink:
+            return frame
+        return sink + (frame - sink) % self.pattern.local_attn_size
+
+    def plan(self, frame_offset: int, num_frames: int, batch_size: int, tokens_per_frame: int) -> ChunkPlan:
+        """Check a chunk call against the cache, advance the bookkeeping and say where it goes."""
+        if batch_size != self.batch_size or tokens_per_frame != self.tokens_per_frame:
+            raise ValueError(
+                f"the chunk has batch size {batch_size} and {tokens_per_frame} tokens per frame, but the "
+                f"cache was built for {self.batch_size} and {self.tokens_per_frame}"
+            )
+        self.pattern.check_chunk(frame_offset, num_frames)
+        end = frame_offset + num_frames
+        if frame_offset > self.end_frame:
+            raise ValueError(
+                f"chunk at frame offset {frame_offset}, but the cache holds frames [0, {self.end_frame}): "
+                f"chunks must come in order, without gaps"
+            )
+        if end < self.end_frame:
+            raise ValueError(
+                f"chunk [{frame_offset}, {end}) would rewrite frames before the cached frames "
+                f"[{end}, {self.end_frame}); only the latest chunk can be run again (reset() to start over)"
+            )
+        if not self.pattern.windowed and end > self.capacity_frames:
+            raise ValueError(
+                f"chunk [{frame_offset}, {end}) is beyond the cache, which holds {self.capacity_frames} "
+                f"frames: build the cache with max_frames >= {end}, or set local_attn_size to roll it"
+            )
+        self.end_frame = end
+        t = self.tokens_per_frame
+        writes: list[tuple[int, int, int]] = []
+        for i in range(num_frames):  # merge consecutive slots into runs
+            slot = self._slot(frame_offset + i)
+            if writes and writes[-1][0] + writes[-1][2] == slot * t:
+                s, c, n = writes[-1]
+                writes[-1] = (s, c, n + t)
+            else:
+                writes.append((slot * t, i * t, t))
+        valid = min(end, self.capacity_frames) * t
+        others, cursor = [], 0
+        for s, _, n in sorted(writes):
+            if s > cursor:
+                others.append((cursor, s))
+            cursor = s + n
+        if cursor < valid:
+            others.append((cursor, valid))
+        return ChunkPlan(tuple(writes), valid, tuple(others))
+
+    def attend_kv(self, layer: int, plan: ChunkPlan, k, v, past=None, write: bool = True):
+        """Write a chunk's keys/values for `layer` and return the keys/values it attends to.
+
+        Without grad, the chunk is written in place and the cache slice is returned (no copy).
+        With grad, the cache gets a detached copy and the chunk's own tensors are concatenated to
+        the other cached frames (`past`, gathered here unless given), so the graph never holds a
+        cache buffer that later chunks overwrite. `write=False` is the recompute of a checkpoint.
+        """
+        ck, cv = self.k[layer], self.v[layer]
+        if write:
+            for slot, start, n in plan.writes:
+                ck[:, slot : slot + n] = k[:, start : start + n].detach()
+                cv[:, slot : slot + n] = v[:, start : start + n].detach()
+        if write and past is None and not (k.requires_grad or v.requires_grad):
+            return ck[:, : plan.valid], cv[:, : plan.valid]
+        past_k, past_v = past if past is not None else self.past(layer, plan)
+        return torch.cat((past_k, k), dim=1), torch.cat((past_v, v), dim=1)
+
+    def past(self, layer: int, plan: ChunkPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached keys/values of the frames other than the chunk's own, as new tensors."""
+        ck, cv = self.k[layer], self.v[layer]
+        ranges = plan.others or ((0, 0),)
+        return torch.cat([ck[:, a:b] for a, b in ranges], 1), torch.cat([cv[:, a:b] for a, b in ranges], 1)
+
+
+class CrossAttnCache:
+    """Cross-attention K/V per layer, computed once per prompt batch and reused across chunks and steps.
+
+    Entries are stored detached. They are reused when no gradient is wanted; a call with grad
+    enabled recomputes them from the text so that the text projections still receive gradients.
+    """
+
+    def __init__(self, num_layers: int):
+        self.kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
+        self.context: torch.Tensor | None = None  # the projected text, [B, L, dim]
+
+    @property
+    def filled(self) -> bool:
+        return self.context is not None
+
+    def reset(self) -> None:
+        self.kv = [None] * len(self.kv)
+        self.context = None

@@ -1,0 +1,291 @@
+"""The Wan2.1 DiT in three attention modes: bidirectional, block-causal on a clip, chunked with a KV cache.
+
+`WanDiT` is diffusers' `WanTransformer3DModel` (same parameters, config and `from_pretrained`) with
+its own forward. Each transformer block is re-classed to `WanDiTBlock`, a subclass that adds no
+parameters and only replaces `forward`, so per-block wrappers (FSDP2, activation checkpointing)
+see the per-block compute as `block(...)`, exactly as they would on diffusers' class.
+
+The arithmetic follows diffusers' forward step for step (float32 modulation and norms, RoPE in
+float32), so bidirectional outputs match it; the timestep is per frame, `[B, F]`, and RoPE frame
+positions are absolute (`frame_offset + f`) in every mode, so the three modes agree exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.utils.checkpoint
+from diffusers.models.embeddings import get_1d_rotary_pos_embed
+from diffusers.models.transformers.transformer_wan import WanTransformer3DModel, WanTransformerBlock
+
+from .attention import CausalPattern, attention, block_causal_attention, check_backend
+from .kv_cache import ChunkPlan, CrossAttnCache, KVCache
+from .weights import raise_on_mismatch
+
+ROPE_THETA = 10000.0  # diffusers' WanRotaryPosEmbed default, as in the original Wan
+
+
+@dataclass
+class AttnSpec:
+    """How the self-attention of one forward call runs (shared by all blocks of the call)."""
+
+    backend: str
+    num_frames: int
+    pattern: CausalPattern | None = None  # whole-clip block-causal when set (and no cache)
+    cache: KVCache | None = None  # chunk mode when set
+    plan: ChunkPlan | None = None
+    cross: CrossAttnCache | None = None
+    cross_mode: str = "compute"  # "compute" | "store" (fill the cache) | "reuse"
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (Wan's layout). x: [B, L, H, D]; cos, sin: [L, 1, D/2] float32."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
+
+
+class WanDiTBlock(WanTransformerBlock):
+    """A diffusers Wan block whose self-attention knows the three modes. No parameters of its own."""
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        e: torch.Tensor,
+        context: torch.Tensor | None,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        spec: AttnSpec,
+        layer: int,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+        write: bool = True,
+    ) -> torch.Tensor:
+        # x: [B, F*T, D] tokens, frame-major; e: [B, F, 6, D] per-frame modulation
+        batch, length, dim = x.shape
+        frames = e.shape[1]
+        shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table.unsqueeze(0) + e.float()).chunk(6, dim=2)
+
+        def per_frame(h: torch.Tensor) -> torch.Tensor:  # [B, F*T, D] -> [B, F, T, D]
+            return h.view(batch, frames, length // frames, dim)
+
+        # 1. Self-attention (bidirectional, block-causal, or over the KV cache)
+        h = (self.norm1(per_frame(x).float()) * (1 + scale) + shift).type_as(x).view(batch, length, dim)
+        h = self._self_attention(h, rope, spec, layer, past, write)
+        x = (per_frame(x).float() + per_frame(h) * gate).type_as(x).view(batch, length, dim)
+
+        # 2. Cross-attention to the text (K/V possibly cached per prompt)
+        h = self.norm2(x.float()).type_as(x)
+        x = x + self._cross_attention(h, context, spec, layer, write)
+
+        # 3. Feed-forward
+        h = (self.norm3(per_frame(x).float()) * (1 + c_scale) + c_shift).type_as(x)
+        h = self.ffn(h).view(batch, length, dim)
+        return (per_frame(x).float() + per_frame(h).float() * c_gate).type_as(x).view(batch, length, dim)
+
+    def _self_attention(self, h, rope, spec: AttnSpec, layer, past, write):
+        attn = self.attn1
+        q = attn.norm_q(attn.to_q(h)).unflatten(2, (attn.heads, -1))
+        k = attn.norm_k(attn.to_k(h)).unflatten(2, (attn.heads, -1))
+        v = attn.to_v(h).unflatten(2, (attn.heads, -1))
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if spec.cache is not None:
+            k, v = spec.cache.attend_kv(layer, spec.plan, k, v, past=past, write=write)
+            out = attention(q, k, v, spec.backend)
+        elif spec.pattern is not None:
+            out = block_causal_attention(q, k, v, spec.pattern, spec.num_frames)
+        else:
+            out = attention(q, k, v, spec.backend)
+        return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).type_as(q)))
+
+    def _cross_attention(self, h, context, spec: AttnSpec, layer, write):
+        attn = self.attn2
+        q = attn.norm_q(attn.to_q(h)).unflatten(2, (attn.heads, -1))
+        if spec.cross_mode == "reuse":
+            k, v = spec.cross.kv[layer]
+        else:
+            k = attn.norm_k(attn.to_k(context)).unflatten(2, (attn.heads, -1))
+            v = attn.to_v(context).unflatten(2, (attn.heads, -1))
+            if spec.cross_mode == "store" and write:
+                spec.cross.kv[layer] = (k.detach(), v.detach())
+        out = attention(q, k, v, spec.backend)
+        return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).type_as(q)))
+
+
+class WanDiT(WanTransformer3DModel):
+    """Wan2.1 text-to-video DiT with bidirectional, block-causal and KV-cache attention.
+
+    forward(x [B, F, C, H, W], timestep [B, F] or [B], context [B, L, text_dim]) returns Wan's flow
+    prediction [B, F, C, H, W] (noise minus clean latent), with
+    - nothing else: bidirectional attention over the clip (teacher, critic);
+    - `causal=CausalPattern(...)`: whole-clip block-causal attention;
+    - `kv_cache=KVCache(...)`, `frame_offset=f`: the next chunk (one block) at absolute frame f,
+      attending to the cached past and itself, its K/V written into the cache.
+    `crossattn_cache=CrossAttnCache(...)` computes the text K/V once and reuses them.
+    """
+
+    _no_split_modules = ["WanTransformerBlock", "WanDiTBlock"]
+
+    @functools.wraps(WanTransformer3DModel.__init__)  # keeps the signature that ConfigMixin reads
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.config.image_dim is not None or self.config.added_kv_proj_dim is not None:
+            raise ValueError("image-conditioned Wan (I2V: image_dim / added_kv_proj_dim) is not supported")
+        if self.config.patch_size[0] != 1:
+            raise ValueError(f"temporal patch size must be 1 (per-frame timesteps), got {self.config.patch_size}")
+        for block in self.blocks:
+            block.__class__ = WanDiTBlock  # same parameters, our forward
+        self.attention_backend = "sdpa"
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """diffusers' from_pretrained, made strict: any missing, unexpected or misshapen key is an error."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        # A shard index can list a tensor its file lacks: diffusers then leaves it on the meta device.
+        on_meta = {name for name, t in model.state_dict().items() if t.is_meta}
+        raise_on_mismatch(
+            sorted(set(info["missing_keys"]) | on_meta),
+            sorted(info["unexpected_keys"]),
+            sorted(str(m) for m in info["mismatched_keys"]),
+            f"{args[0] if args else kwargs.get('pretrained_model_name_or_path')} does not match {cls.__name__}",
+        )
+        return (model, info) if want_info else model
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Select the kernel for unmasked attention: "sdpa" (default) or "flash_attn"."""
+        check_backend(backend)
+        self.attention_backend = backend
+
+    # ------------------------------------------------------------------ helpers
+    def _check_input(self, x, timestep, context, causal, kv_cache, frame_offset):
+        cfg = self.config
+        if x.ndim != 5:
+            raise ValueError(f"x must be [B, F, C, H, W] latents, got shape {tuple(x.shape)}")
+        batch, frames, channels, height, width = x.shape
+        if channels != cfg.in_channels:
+            raise ValueError(
+                f"x has {channels} latent channels but the model expects in_channels={cfg.in_channels} "
+                f"(x is [B, F, C, H, W]; did you pass [B, C, F, H, W]?)"
+            )
+        _, p_h, p_w = cfg.patch_size
+        if height % p_h or width % p_w:
+            raise ValueError(f"latent size {height}x{width} is not divisible by the patch size {p_h}x{p_w}")
+        if timestep.shape not in ((batch,), (batch, frames)):
+            raise ValueError(f"timestep must be [B] or [B, F] = [{batch}, {frames}], got {tuple(timestep.shape)}")
+        if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != cfg.text_dim:
+            raise ValueError(
+                f"context must be [B={batch}, L, text_dim={cfg.text_dim}], got {tuple(context.shape)}"
+            )
+        if causal is not None and kv_cache is not None:
+            raise ValueError("pass causal= for a whole block-causal clip or kv_cache= for a chunk, not both")
+        if kv_cache is None and frame_offset != 0:
+            raise ValueError("frame_offset is only meaningful with a kv_cache")
+        if causal is not None:
+            causal.check_clip(frames)
+        limits = (frame_offset + frames, height // p_h, width // p_w)
+        if max(limits) > cfg.rope_max_seq_len:
+            raise ValueError(
+                f"positions up to {max(limits)} (frames, height or width in patches) exceed "
+                f"rope_max_seq_len={cfg.rope_max_seq_len}"
+            )
+
+    def _rope(self, frame_offset: int, frames: int, height: int, width: int, device):
+        """cos, sin: [F*h*w, 1, head_dim/2] float32 at absolute frame positions."""
+        rope = self.rope
+        parts_cos, parts_sin = [], []
+        for axis, (dim, start, count) in enumerate(
+            ((rope.t_dim, frame_offset, frames), (rope.h_dim, 0, height), (rope.w_dim, 0, width))
+        ):
+            pos = torch.arange(start, start + count, device=device, dtype=torch.float64)
+            cos, sin = get_1d_rotary_pos_embed(
+                dim, pos, ROPE_THETA, use_real=True, freqs_dtype=torch.float64
+            )
+            shape = [1, 1, 1, dim // 2]
+            shape[axis] = count
+            parts_cos.append(cos[:, 0::2].view(shape).expand(frames, height, width, -1))
+            parts_sin.append(sin[:, 1::2].view(shape).expand(frames, height, width, -1))
+        cos = torch.cat(parts_cos, dim=-1).reshape(frames * height * width, 1, -1)
+        sin = torch.cat(parts_sin, dim=-1).reshape(frames * height * width, 1, -1)
+        return cos, sin
+
+    def _text_context(self, context, crossattn_cache):
+        """Project the text once per prompt when a cache is given; say how blocks get their K/V."""
+        if crossattn_cache is None:
+            return self.condition_embedder.text_embedder(context), "compute"
+        wants_grad = torch.is_grad_enabled() and self.condition_embedder.text_embedder.linear_1.weight.requires_grad
+        if crossattn_cache.filled and not wants_grad:
+            if crossattn_cache.context.shape[0] != context.shape[0]:
+                raise ValueError("the cross-attention cache holds another batch of prompts; reset() it first")
+            return crossattn_cache.context, "reuse"
+        projected = self.condition_embedder.text_embedder(context)
+        if crossattn_cache.filled:
+            return projected, "compute"
+        crossattn_cache.context = projected.detach()
+        return projected, "store"
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        context: torch.Tensor,
+        *,
+        causal: CausalPattern | None = None,
+        kv_cache: KVCache | None = None,
+        frame_offset: int = 0,
+        crossattn_cache: CrossAttnCache | None = None,
+    ) -> torch.Tensor:
+        # x: [B, F, C, H, W]; timestep: [B, F] (or [B]); context: [B, L, text_dim]
+        self._check_input(x, timestep, context, causal, kv_cache, frame_offset)
+        batch, frames, _, height, width = x.shape
+        _, p_h, p_w = self.config.patch_size
+        h, w = height // p_h, width // p_w
+        if timestep.ndim == 1:
+            timestep = timestep[:, None].expand(batch, frames)
+
+        # 1. Patchify: [B, F, C, H, W] -> [B, F*h*w, D], frame-major tokens
+        tokens = self.patch_embedding(x.permute(0, 2, 1, 3, 4)).flatten(2).transpose(1, 2).contiguous()
+
+        # 2. Per-frame time embedding (temb [B, F, D]) and its modulation (e [B, F, 6, D])
+        embedder = self.condition_embedder
+        t_freq = embedder.timesteps_proj(timestep.reshape(-1)).unflatten(0, (batch, frames))
+        t_dtype = next(iter(embedder.time_embedder.parameters())).dtype
+        temb = embedder.time_embedder(t_freq.to(t_dtype)).type_as(tokens)
+        e = embedder.time_proj(embedder.act_fn(temb)).unflatten(2, (6, -1))
+
+        # 3. Text context and RoPE at absolute frame positions
+        text, cross_mode = self._text_context(context, crossattn_cache)
+        rope = self._rope(frame_offset, frames, h, w, x.device)
+        plan = None
+        if kv_cache is not None:
+            plan = kv_cache.plan(frame_offset, frames, batch, h * w)
+        spec = AttnSpec(self.attention_backend, frames, causal, kv_cache, plan, crossattn_cache, cross_mode)
+
+        # 4. Transformer blocks (optionally with activation checkpointing)
+        for layer, block in enumerate(self.blocks):
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                tokens = self._checkpointed(block, tokens, e, text, rope, spec, layer)
+            else:
+                tokens = block(tokens, e, text, rope, spec, layer)
+
+        # 5. Output norm, projection, unpatchify to [B, F, C, H, W]
+        shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).chunk(2, dim=2)
+        out = self.norm_out(tokens.view(batch, frames, h * w, -1).float()) * (1 + scale) + shift
+        out = self.proj_out(out.type_as(tokens))
+        out = out.view(batch, frames, h, w, p_h, p_w, -1).permute(0, 1, 6, 2, 4, 3, 5)
+        return out.reshape(batch, frames, -1, height, width)
+
+    def _checkpointed(self, block, tokens, e, text, rope, spec: AttnSpec, layer):
+        """Checkpoint one block; cache writes happen in the forward pass only, not in the recompute.
+
+        With a KV cache, the cached past is gathered before checkpointing so that the recompute
+        sees the same keys even if later chunks have since overwritten those slots.
+        """
+        past = spec.cache.past(layer, spec.plan) if spec.cache is not None else None
+        first = [True]
+
+        def run(tokens, e, text, past):
+            write, first[0] = first[0], False
+            return block(tokens, e, text, rope, spec, layer, past=past, write=write)
+
+        return torch.utils.checkpoint.checkpoint(run, tokens, e, text, past, use_reentrant=False)
