@@ -126,7 +126,7 @@ def test_grad_chunk_equals_no_grad_chunk_and_checkpointing_keeps_gradients():
 
     def last_chunk_loss(checkpointing: bool):
         model.zero_grad()
-        model.gradient_checkpointing = checkpointing
+        model.enable_gradient_checkpointing() if checkpointing else model.disable_gradient_checkpointing()
         cache = KVCache.for_model(model, pattern, batch_size=B, latent_hw=(H, W))
         cross = CrossAttnCache(model.config.num_layers)
         with torch.no_grad():
