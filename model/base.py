@@ -1,0 +1,174 @@
+"""SelfForcingModel: the networks of a distillation run, the noise schedule, and the generator rollout.
+
+A method (DMD, SiD, CausVid) receives its networks already built: the generator (block-causal
+student), the real score (frozen teacher), the fake score (critic), the text encoder and the VAE.
+Every network is called the Wan way, `net(x [B, F, C, H, W], timestep [B, F], context) -> flow`.
+Subclasses implement `generator_loss(batch)` and `critic_loss(batch)`, each returning
+`(loss, logs)`; a batch is a dict with `prompts` (list of str) and, for data-based methods, `latents`.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from model.schedule import FlowSchedule
+from model.wan.attention import CausalPattern
+from pipeline.rollout import chunk_starts, draw_exit_steps, rollout
+from utils.distributed import broadcast_object
+
+
+@dataclass
+class MethodConfig:
+    """Knobs shared by the methods; names follow the Self-Forcing reference configs."""
+
+    denoising_step_list: list[float] = field(default_factory=lambda: [1000, 750, 500, 250])
+    warp_denoising_step: bool = True  # warp the step list onto the shifted schedule
+    timestep_shift: float = 5.0  # Wan's sigma shift
+    num_frame_per_block: int = 3  # frames per chunk of the block-causal generator
+    independent_first_frame: bool = False  # frame 0 is a block of its own
+    local_attn_size: int = -1  # generator attention window in frames (-1: all earlier blocks)
+    sink_size: int = 0  # frames at the start that stay visible with a window
+    context_noise: float = 0.0  # timestep at which each finished chunk is written into the KV cache
+    same_step_across_blocks: bool = True  # one exit step for all chunks of a rollout
+    last_step_only: bool = False  # always exit at the last denoising step
+    num_training_frames: int = 21  # latent frames the losses see; only they get gradients
+    min_num_frames: int | None = None  # rollout length range in frames (None: num_training_frames)
+    max_num_frames: int | None = None
+    guidance_scale: float = 3.0  # real score CFG: cond + g (cond - uncond)
+    fake_guidance_scale: float = 0.0  # optional CFG on the fake score
+    ts_schedule: bool = False  # score timesteps no lower than the rollout's denoised range
+    ts_schedule_max: bool = False  # score timesteps no higher than the rollout's denoised range
+    min_score_timestep: int = 0
+    min_step_ratio: float = 0.02  # score timesteps clamped to [ratio * 1000, ...]
+    max_step_ratio: float = 0.98
+    negative_prompt: str = ""  # the unconditional branch of CFG
+
+    def __post_init__(self):
+        if self.min_num_frames is None:
+            self.min_num_frames = self.num_training_frames
+        if self.max_num_frames is None:
+            self.max_num_frames = self.min_num_frames
+        if not self.num_training_frames <= self.min_num_frames <= self.max_num_frames:
+            raise ValueError(
+                f"need num_training_frames <= min_num_frames <= max_num_frames, got {self.num_training_frames}, "
+                f"{self.min_num_frames}, {self.max_num_frames}"
+            )
+        if not 0 <= self.min_step_ratio < self.max_step_ratio <= 1:
+            raise ValueError(f"need 0 <= min_step_ratio < max_step_ratio <= 1, got {self.min_step_ratio}, {self.max_step_ratio}")
+
+    @property
+    def pattern(self) -> CausalPattern:
+        return CausalPattern(self.num_frame_per_block, self.independent_first_frame, self.local_attn_size, self.sink_size)
+
+
+class SelfForcingModel(torch.nn.Module):
+    def __init__(self, generator, real_score, fake_score, text_encoder, vae, cfg: MethodConfig, latent_shape):
+        super().__init__()
+        self.generator, self.real_score, self.fake_score = generator, real_score, fake_score
+        self.text_encoder, self.vae = text_encoder, vae
+        self.cfg = cfg
+        self.latent_shape = tuple(latent_shape)  # (C, H, W) of one latent frame
+        self.schedule = FlowSchedule(cfg.timestep_shift)
+        self.steps = self.schedule.denoising_steps(cfg.denoising_step_list, cfg.warp_denoising_step)
+        self.pattern = cfg.pattern
+        for frames in {cfg.num_training_frames, cfg.min_num_frames, cfg.max_num_frames}:
+            self.pattern.check_clip(frames)
+        self.rng: torch.Generator | None = None  # device draws (noise); reseeded per step
+        self.host_rng = random.Random(0)  # host choices (exit steps, rollout length), agreed across ranks
+        self._negative: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.generator.parameters()).device
+
+    def reseed(self, seed: int, rank: int, step: int) -> None:
+        """Noise from (seed, rank, step) so ranks differ and a resumed run replays the same draws."""
+        self.rng = torch.Generator(self.device).manual_seed(hash((seed, rank, step)) % 2**63)
+        self.host_rng = random.Random(hash((seed, step)))
+
+    # ---------------------------------------------------------------- conditioning
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        return self.text_encoder(prompts)["prompt_embeds"].to(self.device)
+
+    def negative(self, batch: int) -> torch.Tensor:
+        """The negative-prompt embedding, computed once."""
+        if self._negative is None:
+            self._negative = self.encode([self.cfg.negative_prompt])
+        return self._negative.expand(batch, *self._negative.shape[1:])
+
+    # ---------------------------------------------------------------- generator
+    def plan_rollout(self) -> tuple[int, list[int]]:
+        """Rollout length and exit steps, drawn on rank 0 and broadcast, so all ranks agree."""
+        cfg, block = self.cfg, self.pattern.num_frame_per_block
+        lengths = list(range(cfg.min_num_frames, cfg.max_num_frames + 1, block))
+        num_frames = self.host_rng.choice(lengths)
+        exits = draw_exit_steps(
+            len(chunk_starts(self.pattern, num_frames)),
+            len(self.steps),
+            same_step_across_blocks=cfg.same_step_across_blocks,
+            last_step_only=cfg.last_step_only,
+            rng=self.host_rng,
+        )
+        return broadcast_object((num_frames, exits))
+
+    def generate(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int] | None]:
+        """Self-rollout of the generator: (clip of the last num_training_frames, grad mask [F], denoised range)."""
+        context = self.encode(batch["prompts"])
+        num_frames, exits = self.plan_rollout()
+        noise = torch.randn((context.shape[0], num_frames, *self.latent_shape), generator=self.rng, device=self.device)
+        window = self.cfg.num_training_frames
+        grad_from = next(s for s in reversed(chunk_starts(self.pattern, num_frames)) if s <= num_frames - window)
+        out = rollout(
+            self.generator, noise, context, self.steps, self.pattern, schedule=self.schedule, exit_steps=exits,
+            grad_from_frame=grad_from, context_noise=self.cfg.context_noise, rng=self.rng,
+        )
+        return out.video[:, -window:], out.grad_mask[-window:], self.denoised_range(exits)
+
+    def denoised_range(self, exits: list[int]) -> tuple[int, int] | None:
+        """(from, to) in unwarped steps of the interval the exit step denoised (for ts_schedule)."""
+        if not self.cfg.same_step_across_blocks:
+            return None
+        k = exits[0]
+        t_from = self.schedule.unwarped_index(self.steps[k])
+        t_to = 0 if k == len(self.steps) - 1 else self.schedule.unwarped_index(self.steps[k + 1])
+        return t_from, t_to
+
+    # ---------------------------------------------------------------- scores
+    def x0(self, net, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.schedule.x0_from_flow(x_t, net(x_t, t, context), t)
+
+    def guided_x0(self, net, x_t, t, cond, scale: float) -> torch.Tensor:
+        """cond + scale (cond - uncond), the reference's CFG; scale 0 skips the unconditional call."""
+        pred = self.x0(net, x_t, t, cond)
+        if scale == 0:
+            return pred
+        return pred + scale * (pred - self.x0(net, x_t, t, self.negative(x_t.shape[0])))
+
+    def score_timestep(self, batch: int, frames: int, denoised: tuple[int, int] | None) -> torch.Tensor:
+        cfg, n = self.cfg, self.schedule.num_train_timesteps
+        low = denoised[1] if cfg.ts_schedule and denoised else cfg.min_score_timestep
+        high = denoised[0] if cfg.ts_schedule_max and denoised else n
+        return self.schedule.sample_timestep(
+            batch, frames, low, high, shift=cfg.timestep_shift, min_step=int(cfg.min_step_ratio * n),
+            max_step=int(cfg.max_step_ratio * n), generator=self.rng, device=self.device,
+        )
+
+    # ---------------------------------------------------------------- losses
+    def generator_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def critic_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Flow-matching denoising loss of the fake score on the generator's (detached) samples."""
+        with torch.no_grad():
+            video, _, denoised = self.generate(batch)
+        context = self.encode(batch["prompts"])
+        t = self.score_timestep(video.shape[0], video.shape[1], denoised)
+        noise = torch.randn(video.shape, generator=self.rng, device=video.device, dtype=video.dtype)
+        flow = self.fake_score(self.schedule.add_noise(video, noise, t), t, context)
+        loss = F.mse_loss(flow.float(), (noise - video).float())
+        return loss, {"critic_loss": loss.detach(), "critic_timestep": t.mean().detach()}

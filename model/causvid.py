@@ -1,0 +1,69 @@
+"""CausVid: DMD on clips the causal generator denoises in one step from noised data, no self-rollout.
+
+Each block of a data clip is noised to its own step of the step list (drawn per sample and block).
+Diffusion forcing: the whole clip runs block-causally, each block seeing the noisy earlier blocks.
+Teacher forcing: chunk by chunk through the KV cache, each block seeing the clean earlier blocks
+(written at `context_noise`), exactly as the rollout writes its context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model.base import MethodConfig
+from model.dmd import DMD
+from model.wan.kv_cache import CrossAttnCache, KVCache
+from pipeline.rollout import chunk_starts
+
+
+@dataclass
+class CausVidConfig(MethodConfig):
+    teacher_forcing: bool = False  # clean context (True) or diffusion forcing on noisy context (False)
+
+
+class CausVid(DMD):
+    cfg: CausVidConfig
+
+    def block_timesteps(self, batch: int, num_frames: int) -> torch.Tensor:
+        """[B, F]: one step of the step list per sample and block."""
+        starts = chunk_starts(self.pattern, num_frames)
+        index = torch.randint(0, len(self.steps), (batch, len(starts)), generator=self.rng, device=self.device)
+        lengths = torch.tensor([self.pattern.block_length(s) for s in starts], device=self.device)
+        steps = torch.tensor(self.steps, device=self.device)
+        return steps[index].repeat_interleave(lengths, dim=1)
+
+    def denoise_data(self, latents: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor, context: torch.Tensor):
+        """The generator's x0 for every block of a noised data clip."""
+        if not self.cfg.teacher_forcing:
+            flow = self.generator(noisy, t, context, causal=self.pattern)
+            return self.schedule.x0_from_flow(noisy, flow, t)
+        b, frames, _, h, w = latents.shape
+        cache = KVCache.for_model(self.generator, self.pattern, batch_size=b, latent_hw=(h, w), max_frames=frames)
+        cross = CrossAttnCache(self.generator.config.num_layers)
+        outputs, starts = [], chunk_starts(self.pattern, frames)
+        for start in starts:
+            end = start + self.pattern.block_length(start)
+            flow = self.generator(noisy[:, start:end], t[:, start:end], context, kv_cache=cache, frame_offset=start, crossattn_cache=cross)
+            outputs.append(self.schedule.x0_from_flow(noisy[:, start:end], flow, t[:, start:end]))
+            if start != starts[-1]:
+                with torch.no_grad():  # the clean block becomes the context of the next ones
+                    clean = latents[:, start:end]
+                    c = self.cfg.context_noise
+                    if c > 0:
+                        clean = self.schedule.add_noise(clean, torch.randn(clean.shape, generator=self.rng, device=clean.device, dtype=clean.dtype), c)
+                    ctx_t = torch.full(clean.shape[:2], float(c), device=clean.device)
+                    self.generator(clean, ctx_t, context, kv_cache=cache, frame_offset=start, crossattn_cache=cross)
+        return torch.cat(outputs, dim=1)
+
+    def generate(self, batch: dict):
+        latents = batch["latents"].to(self.device)
+        b, frames = latents.shape[:2]
+        if frames != self.cfg.num_training_frames:
+            raise ValueError(f"data clips have {frames} latent frames, expected num_training_frames={self.cfg.num_training_frames}")
+        context = self.encode(batch["prompts"])
+        t = self.block_timesteps(b, frames)
+        noise = torch.randn(latents.shape, generator=self.rng, device=latents.device, dtype=latents.dtype)
+        video = self.denoise_data(latents, self.schedule.add_noise(latents, noise, t), t, context)
+        return video, torch.ones(frames, dtype=torch.bool), None

@@ -1,0 +1,119 @@
+"""The block-causal rollout: one function for training (Self Forcing) and inference.
+
+Chunk by chunk, the generator denoises its chunk through the step list (predict x0, re-noise to the
+next step) with the KV cache holding the clean past; then the chunk's output, noised to
+`context_noise`, runs once more to write the cache. Training differs only in two ways: each chunk
+stops at an exit step (its x0 prediction is the output), and the exit step of chunks inside the
+gradient window runs with grad. Everything else, earlier steps and context passes, runs without
+grad. All bookkeeping is host-side Python: no device syncs inside the loop.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from model.schedule import FlowSchedule
+from model.wan.attention import CausalPattern
+from model.wan.kv_cache import CrossAttnCache, KVCache
+
+
+@dataclass
+class Rollout:
+    video: torch.Tensor  # [B, F, C, H, W], the x0 output of every chunk
+    grad_mask: torch.Tensor  # [F] bool: frames whose output carries gradient
+    exit_steps: list[int]  # per chunk, the index into the step list that produced its output
+
+
+def chunk_starts(pattern: CausalPattern, num_frames: int) -> list[int]:
+    """Start frame of every chunk (= block) of a clip."""
+    pattern.check_clip(num_frames)
+    starts, f = [], 0
+    while f < num_frames:
+        starts.append(f)
+        f += pattern.block_length(f)
+    return starts
+
+
+def draw_exit_steps(
+    num_chunks: int, num_steps: int, *, same_step_across_blocks: bool, last_step_only: bool, rng: random.Random
+) -> list[int]:
+    """The exit step of each chunk (drawn on one rank, then broadcast by the caller)."""
+    if last_step_only:
+        return [num_steps - 1] * num_chunks
+    if same_step_across_blocks:
+        return [rng.randrange(num_steps)] * num_chunks
+    return [rng.randrange(num_steps) for _ in range(num_chunks)]
+
+
+def rollout(
+    generator: torch.nn.Module,
+    noise: torch.Tensor,
+    context: torch.Tensor,
+    steps: Sequence[float],
+    pattern: CausalPattern,
+    *,
+    schedule: FlowSchedule,
+    exit_steps: Sequence[int] | None = None,
+    grad_from_frame: int | None = None,
+    context_noise: float = 0.0,
+    rng: torch.Generator | None = None,
+    kv_cache: KVCache | None = None,
+    crossattn_cache: CrossAttnCache | None = None,
+    on_chunk: Callable[[int, torch.Tensor], None] | None = None,
+    keep_cache: bool = False,
+) -> Rollout:
+    """Generate a clip chunk by chunk.
+
+    noise: [B, F, C, H, W] initial noise; context: text embeddings [B, L, D]; steps: timesteps
+    (already warped), decreasing. exit_steps: per chunk, the step whose x0 is the output (None: the
+    last step, i.e. inference). grad_from_frame: None runs everything without grad; an int runs the
+    exit step of every chunk that starts at or after that frame with grad (gradient truncation).
+    rng: draws the re-noising noise. on_chunk(start, x0) streams each finished chunk (for decoding).
+    keep_cache: also write the last chunk into the cache (to continue the clip later).
+    """
+    batch, num_frames, _, height, width = noise.shape
+    starts = chunk_starts(pattern, num_frames)
+    exit_steps = list(exit_steps) if exit_steps is not None else [len(steps) - 1] * len(starts)
+    if len(exit_steps) != len(starts) or not all(0 <= e < len(steps) for e in exit_steps):
+        raise ValueError(f"exit_steps must hold one index in [0, {len(steps)}) per chunk ({len(starts)}), got {exit_steps}")
+    if kv_cache is None:
+        kv_cache = KVCache.for_model(generator, pattern, batch_size=batch, latent_hw=(height, width), max_frames=num_frames)
+    if crossattn_cache is None:
+        crossattn_cache = CrossAttnCache(generator.config.num_layers)
+
+    def denoise(x, t, start):  # one generator call: x0 prediction for the chunk
+        timestep = torch.full(x.shape[:2], t, device=x.device, dtype=torch.float32)
+        flow = generator(x, timestep, context, kv_cache=kv_cache, frame_offset=start, crossattn_cache=crossattn_cache)
+        return schedule.x0_from_flow(x, flow, t)
+
+    outputs, grad_mask = [], torch.zeros(num_frames, dtype=torch.bool)
+    for chunk, start in enumerate(starts):
+        n = pattern.block_length(start)
+        x = noise[:, start : start + n]
+        exit_step = exit_steps[chunk]
+        with_grad = grad_from_frame is not None and start >= grad_from_frame
+        for i in range(exit_step):  # steps before the exit: no grad, re-noise to the next step
+            with torch.no_grad():
+                x0 = denoise(x, steps[i], start)
+            x = schedule.add_noise(x0, _randn_like(x0, rng), steps[i + 1])
+        with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
+            x0 = denoise(x, steps[exit_step], start)
+        grad_mask[start : start + n] = with_grad
+        outputs.append(x0)
+        if on_chunk is not None:
+            on_chunk(start, x0.detach())
+        if start != starts[-1] or keep_cache:  # the context pass: write the clean chunk into the cache
+            with torch.no_grad():
+                clean = x0.detach()
+                if context_noise > 0:
+                    clean = schedule.add_noise(clean, _randn_like(clean, rng), context_noise)
+                denoise(clean, float(context_noise), start)
+    return Rollout(torch.cat(outputs, dim=1), grad_mask, exit_steps)
+
+
+def _randn_like(x: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(x.shape, generator=rng, device=x.device, dtype=x.dtype)
