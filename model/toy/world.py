@@ -1,6 +1,6 @@
 """The toy world: a procedural text-to-video distribution with known ground truth.
 
-A clip shows one soft-edged coloured shape on a black background, moving at constant speed in
+A clip shows one soft-edged coloured shape on a white background, moving at constant speed in
 the prompted direction and bouncing off the frame's edges, e.g. "a red circle moving left".
 The grammar is 4 colours x 3 shapes x 4 directions = 48 prompts. Each prompt has a finite set
 of templates: `lanes` positions across the motion axis x `phases` start offsets along it, so the
@@ -15,14 +15,16 @@ import math
 
 import torch
 
-# RGB in [-1, 1]; primaries and yellow are far apart from each other and from the background.
+# RGB in [-1, 1]. On white, each of these differs from the background in at least two channels,
+# which doubles the distance between templates of different prompts compared with a black
+# background (where red, green and blue differ from it in one channel only).
 COLOURS = {
     "red": (1.0, -1.0, -1.0),
     "green": (-1.0, 1.0, -1.0),
     "blue": (-1.0, -1.0, 1.0),
-    "yellow": (1.0, 1.0, -1.0),
+    "black": (-1.0, -1.0, -1.0),
 }
-BACKGROUND = (-1.0, -1.0, -1.0)
+BACKGROUND = (1.0, 1.0, 1.0)
 SHAPES = ("circle", "square", "triangle")
 # Unit motion per direction as (dx, dy); image y grows downwards, so "up" is -y.
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
@@ -47,13 +49,18 @@ def _bounce(u: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
 def _signed_distance(shape: str, dx: torch.Tensor, dy: torch.Tensor, r: float) -> torch.Tensor:
     """Signed distance in pixels (negative inside) from the shape centred at 0 with half-size r."""
     if shape == "circle":
-        return torch.sqrt(dx * dx + dy * dy) - r
+        # Smaller than the square it would be inscribed in: a circle of radius r differs from
+        # that square only in its corners, too close a pair for a 16 x 16 frame.
+        return torch.sqrt(dx * dx + dy * dy) - 0.8 * r
     if shape == "square":
         return torch.maximum(dx.abs(), dy.abs()) - r
     if shape == "triangle":
-        # Apex (0, -r), base corners (+-r, r): the base edge and the two slanted edges (normal
-        # (2, -1) / sqrt(5)); the max of half-plane distances is exact inside, close enough outside.
-        return torch.maximum(dy - r, (2 * dx.abs() - dy - r) / math.sqrt(5.0))
+        # Apex (0, -r), base corners (+-r, r): the max of half-plane distances of the base and
+        # the slanted edges (normal (2, -1) / sqrt(5)), exact inside. Outside it underestimates
+        # near the corners (the apex's soft edge would reach 1.1 px out), so the bounding box's
+        # planes are added: like every shape, the drawn triangle stays within r + 0.5.
+        box = torch.maximum(dx.abs(), dy.abs()) - r
+        return torch.maximum(torch.maximum(dy - r, (2 * dx.abs() - dy - r) / math.sqrt(5.0)), box)
     raise ValueError(f"unknown shape {shape!r}; the toy shapes are {SHAPES}")
 
 
