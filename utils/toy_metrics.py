@@ -1,0 +1,202 @@
+"""Scores for toy-world samples against the known truth (used by training's evaluation and inference).
+
+Every sample clip [F, C, H, W] is compared with the world's templates of the same length:
+  * match_rate: its nearest template (over all prompts) is one of its own prompt's and lies
+    within `threshold`; it looks like the prompted clip and like nothing else;
+  * coverage: how many of a prompt's templates its matched samples reach (mode collapse shows
+    as coverage 1 / K);
+  * frame_error: per frame index, the error against the sample's nearest own-prompt template;
+    on clips longer than the training length it shows how errors grow as a rollout goes on.
+A reference row comes from the exact teacher itself: `sample_teacher` is 50-step Euler on its
+flow, so a student's numbers can be read next to what the teacher gets.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model.toy.world import ToyWorld
+
+# Templates of different prompts are at least 0.316 apart in `distance` (a red circle against a
+# red triangle on the same path, at 16 x 16), so a sample within 0.1 of a template is far from
+# every other prompt's template (>= 0.2 by the triangle inequality): a match is unambiguous.
+# 0.1 is also what moving a shape by a quarter pixel costs (0.07 to 0.095), a barely visible error.
+DEFAULT_MATCH_THRESHOLD = 0.1
+REQUIRED_FIELDS = ("step", "match_rate", "coverage", "frame_error")
+
+
+def frame_rmse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-frame RMSE of clips [..., F, C, H, W] (broadcast): sqrt(mean over C, H, W) -> [..., F]."""
+    return ((a.double() - b.double()) ** 2).mean(dim=(-1, -2, -3)).sqrt()
+
+
+def distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Distance between clips: the per-frame RMSE averaged over frames, [...].
+
+    A mean of per-frame metrics, so it is itself a metric (the triangle inequality holds) and
+    is in pixel units: 0.1 means frames are off by 0.1 of the [-1, 1] range in RMS.
+    """
+    return frame_rmse(a, b).mean(dim=-1)
+
+
+def pairwise_distance(samples: torch.Tensor, templates: torch.Tensor) -> torch.Tensor:
+    """`distance` of every sample [N, F, C, H, W] to every template [M, F, C, H, W] -> [N, M]."""
+    n, f = samples.shape[:2]
+    d = torch.zeros(n, templates.shape[0], dtype=torch.float64)
+    size = samples[0, 0].numel()
+    for i in range(f):   # one frame at a time: memory stays [N, M] for any clip length
+        a = samples[:, i].flatten(1).double().cpu()
+        b = templates[:, i].flatten(1).double().cpu()
+        d += torch.cdist(a, b) / size ** 0.5
+    return d / f
+
+
+@dataclass
+class Assignment:
+    """Each sample's nearest templates, shared by all metrics so distances are computed once."""
+    own: torch.Tensor               # [N] prompt index of each sample
+    nearest: torch.Tensor           # [N] nearest template over the whole world
+    nearest_distance: torch.Tensor  # [N]
+    own_nearest: torch.Tensor       # [N] nearest template among the sample's own prompt's
+    template_prompt: torch.Tensor   # [M] prompt index of each template
+    templates: torch.Tensor         # [M, F, C, H, W]
+
+
+def assign(samples: torch.Tensor, prompts: list[str], world: ToyWorld) -> Assignment:
+    if samples.ndim != 5 or samples.shape[0] != len(prompts):
+        raise ValueError(f"expected samples [N, F, C, H, W] and N prompts, got "
+                         f"{tuple(samples.shape)} and {len(prompts)} prompts")
+    templates, template_prompt = world.all_templates(samples.shape[1])
+    own = torch.tensor([world.prompt_index(p) for p in prompts], dtype=torch.long)
+    d = pairwise_distance(samples, templates)
+    nearest_distance, nearest = d.min(dim=1)
+    own_d = d.masked_fill(template_prompt[None] != own[:, None], float("inf"))
+    return Assignment(own, nearest, nearest_distance, own_d.argmin(dim=1), template_prompt,
+                      templates)
+
+
+def matched(a: Assignment, threshold: float = DEFAULT_MATCH_THRESHOLD) -> torch.Tensor:
+    """[N] bool: the nearest template is the sample's own prompt's and within threshold."""
+    return (a.template_prompt[a.nearest] == a.own) & (a.nearest_distance <= threshold)
+
+
+def match_rate(samples: torch.Tensor, prompts: list[str], world: ToyWorld,
+               threshold: float = DEFAULT_MATCH_THRESHOLD) -> float:
+    return matched(assign(samples, prompts, world), threshold).double().mean().item()
+
+
+def coverage_of(a: Assignment, world: ToyWorld,
+                threshold: float = DEFAULT_MATCH_THRESHOLD) -> tuple[float, dict[str, float]]:
+    """Mean and per-prompt coverage, over the prompts that have samples.
+
+    A template counts as covered when it is the nearest template of a *matched* sample of its
+    prompt: a blurry or wrong sample is nearest to some template too, but reaches nothing.
+    """
+    ok = matched(a, threshold)
+    k = world.templates_per_prompt
+    per_prompt = {}
+    for p in a.own.unique().tolist():
+        hit = a.nearest[ok & (a.own == p)].unique()
+        per_prompt[world.prompts[p]] = len(hit) / k
+    return sum(per_prompt.values()) / len(per_prompt), per_prompt
+
+
+def coverage(samples: torch.Tensor, prompts: list[str], world: ToyWorld,
+             threshold: float = DEFAULT_MATCH_THRESHOLD) -> tuple[float, dict[str, float]]:
+    return coverage_of(assign(samples, prompts, world), world, threshold)
+
+
+def frame_error_of(samples: torch.Tensor, a: Assignment) -> list[float]:
+    """Mean over samples of frame_rmse to the nearest own-prompt template: one float per frame."""
+    return frame_rmse(samples.cpu(), a.templates[a.own_nearest]).mean(dim=0).tolist()
+
+
+def frame_error(samples: torch.Tensor, prompts: list[str], world: ToyWorld) -> list[float]:
+    return frame_error_of(samples, assign(samples, prompts, world))
+
+
+def evaluate(samples: torch.Tensor, prompts: list[str], world: ToyWorld,
+             threshold: float = DEFAULT_MATCH_THRESHOLD) -> dict:
+    """All toy metrics of samples [N, F, C, H, W] generated for `prompts`, as a JSON-able dict."""
+    a = assign(samples, prompts, world)
+    cov, per_prompt = coverage_of(a, world, threshold)
+    return {
+        "match_rate": matched(a, threshold).double().mean().item(),
+        "coverage": cov,
+        "coverage_per_prompt": per_prompt,
+        "frame_error": frame_error_of(samples, a),
+        "mean_distance": a.nearest_distance.mean().item(),
+        "num_samples": samples.shape[0],
+        "num_frames": samples.shape[1],
+        "threshold": threshold,
+    }
+
+
+def flow_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
+    """Noise levels s from 1 to 0, [steps + 1] float64, with Wan / SD3's timestep shift.
+
+    s' = shift s / (1 + (shift - 1) s) spends more steps at high noise for shift > 1.
+    """
+    s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    return shift * s / (1 + (shift - 1) * s)
+
+
+@torch.no_grad()
+def euler_flow(model, noise: torch.Tensor, sigmas: torch.Tensor, context: torch.Tensor,
+               uncond_context: torch.Tensor | None = None, guidance_scale: float = 1.0):
+    """Flow-matching Euler from s = sigmas[0] to sigmas[-1]: x <- x + (s_next - s) v(x, s).
+
+    With uncond_context and guidance_scale != 1: v = v_u + g (v_c - v_u) (classifier-free).
+    """
+    x = noise
+    for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+        # float32 timesteps as the backbone expects them; float64 when the state is float64.
+        t = torch.full((x.shape[0],), s * 1000.0, device=x.device,
+                       dtype=torch.promote_types(x.dtype, torch.float32))
+        v = model(x, t, context)
+        if uncond_context is not None and guidance_scale != 1.0:
+            v_u = model(x, t, uncond_context)
+            v = v_u + guidance_scale * (v - v_u)
+        x = x.add(v, alpha=s_next - s)
+    return x
+
+
+@torch.no_grad()
+def sample_teacher(teacher, text_encoder, prompts: list[str], num_frames: int, steps: int = 50,
+                   shift: float = 5.0, guidance_scale: float = 1.0,
+                   generator: torch.Generator | None = None, batch_size: int = 128) -> torch.Tensor:
+    """The teacher's own samples: `steps`-step Euler from noise, [N, F, C, H, W] float32.
+
+    guidance_scale 1 samples the exact conditional distribution (the conditional posterior is
+    already exact); larger values add classifier-free guidance against the empty prompt. All
+    noise is drawn up front, so the result does not depend on batch_size; batches of ~100 clips
+    keep the float64 state in cache and run several times faster than one big batch on a CPU.
+    """
+    world = teacher.world
+    device = teacher.prompt_table.device
+    shape = (len(prompts), num_frames, world.channels, world.height, world.width)
+    noise = torch.randn(shape, generator=generator, dtype=torch.float64)
+    sigmas = flow_sigmas(steps, shift)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        context = text_encoder(chunk)["prompt_embeds"].to(device)
+        uncond = text_encoder([""] * len(chunk))["prompt_embeds"].to(device) \
+            if guidance_scale != 1.0 else None
+        x = euler_flow(teacher, noise[i:i + batch_size].to(device), sigmas, context, uncond,
+                       guidance_scale)
+        out.append(x.float().cpu())
+    return torch.cat(out)
+
+
+def append_jsonl(path: str | Path, record: dict) -> None:
+    """Append one evaluation as a JSON line (e.g. to <run dir>/metrics.jsonl)."""
+    missing = [k for k in REQUIRED_FIELDS if k not in record]
+    if missing:
+        raise ValueError(f"metrics record lacks {missing}; every line needs {REQUIRED_FIELDS}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record, default=lambda o: o.tolist()) + "\n")
