@@ -99,9 +99,12 @@ def test_exact_teacher_samples_match_their_prompt_and_cover_its_templates(world,
 
 
 def test_guided_teacher_samples_of_long_clips_match(world, encoder, teacher):
-    x = sample_teacher(teacher, encoder, world.prompts, 36, steps=50, shift=5.0,
+    # Every colour, shape and direction (prompts 0, 5, 10, ...), 3x the training length, with
+    # classifier-free guidance: the unconditional branch runs over all templates.
+    prompts = world.prompts[::5]
+    x = sample_teacher(teacher, encoder, prompts, 36, steps=50, shift=5.0,
                        guidance_scale=3.0, generator=torch.Generator().manual_seed(1))
-    assert evaluate(x, world.prompts, world)["match_rate"] >= 0.99
+    assert evaluate(x, prompts, world)["match_rate"] >= 0.99
 
 
 def test_at_tiny_noise_the_denoiser_returns_the_nearest_template(world, encoder, teacher):
@@ -168,6 +171,10 @@ def test_teacher_rejects_context_that_is_no_toy_prompt(encoder, teacher):
         teacher(torch.zeros(1, 12, 3, 16, 16), torch.tensor([500.0]), ctx + 0.5)
     with pytest.raises(ValueError, match="context must be toy prompt_embeds"):
         teacher(torch.zeros(1, 12, 3, 16, 16), torch.tensor([500.0]), ctx[:, :4])
+    with pytest.raises(ValueError, match=r"x must be \[B, F, 3, 16, 16\]"):
+        teacher(torch.zeros(1, 12, 3, 8, 8), torch.tensor([500.0]), ctx)
+    with pytest.raises(ValueError, match="timestep must be"):
+        teacher(torch.zeros(1, 12, 3, 16, 16), torch.tensor([500.0, 500.0]), ctx)
 
 
 def test_text_encoder_embeddings(encoder):

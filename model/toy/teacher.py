@@ -103,11 +103,19 @@ class ExactTeacher(torch.nn.Module):
             self._templates[key] = videos.flatten(2).to(device=device, dtype=torch.float64)
         return self._templates[key]
 
+    def _inputs(self, x: torch.Tensor, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, F, C, H, W] -> x_t [B, F, C * H * W] float64, and noise levels s [B, F]."""
+        frame = (self.world.channels, self.world.height, self.world.width)
+        if x.ndim != 5 or tuple(x.shape[2:]) != frame:
+            raise ValueError(f"x must be [B, F, {frame[0]}, {frame[1]}, {frame[2]}] clips of "
+                             f"the toy world, got {tuple(x.shape)}")
+        sigma = timestep_to_sigma(torch.as_tensor(timestep, device=x.device), *x.shape[:2])
+        return x.flatten(2).to(torch.float64), sigma
+
     def x0(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """The posterior mean E[x0 | x_t, prompt], same shape and dtype as x [B, F, C, H, W]."""
-        b, f = x.shape[:2]
-        sigma = timestep_to_sigma(torch.as_tensor(timestep, device=x.device), b, f)
-        return self._x0(x.flatten(2).to(torch.float64), sigma, context).view_as(x).to(x.dtype)
+        x_t, sigma = self._inputs(x, timestep)
+        return self._x0(x_t, sigma, context).view_as(x).to(x.dtype)
 
     def _x0(self, x_t: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         groups = torch.tensor(self.decode_prompts(context), device=x_t.device)
@@ -125,9 +133,7 @@ class ExactTeacher(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         # x: [B, F, C, H, W]; the flow v = eps_hat - x0_hat = (x_t - x0_hat) / s.
-        b, f = x.shape[:2]
-        sigma = timestep_to_sigma(torch.as_tensor(timestep, device=x.device), b, f)
-        x_t = x.flatten(2).to(torch.float64)
+        x_t, sigma = self._inputs(x, timestep)
         x0 = self._x0(x_t, sigma, context)
         v = torch.sub(x_t, x0, out=x0).div_(sigma.clamp_min(self.s_min)[..., None])
         return v.view_as(x).to(x.dtype)

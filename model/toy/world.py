@@ -107,7 +107,7 @@ class ToyWorld:
     def centres(self, prompt: str, num_frames: int | None = None) -> torch.Tensor:
         """Shape centres in pixels, [K, F, 2] as (x, y); pixel i covers [i, i + 1)."""
         num_frames = num_frames or self.num_frames
-        dx, dy = DIRECTIONS[prompt.split()[-1]]
+        dx, dy = DIRECTIONS[self.prompts[self.prompt_index(prompt)].split()[-1]]
         along, across = (self._limits(self.width), self._limits(self.height)) if dx else \
             (self._limits(self.height), self._limits(self.width))
         step = dx or dy
