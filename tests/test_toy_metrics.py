@@ -72,6 +72,7 @@ def test_evaluate_bundles_the_metrics(world):
     result = evaluate(samples, [A, A], world)
     assert result["match_rate"] == pytest.approx(0.5)
     assert result["coverage"] == pytest.approx(1 / world.templates_per_prompt)
+    assert result["coverage_ideal"] == pytest.approx(1 - (1 - 1 / world.templates_per_prompt) ** 2)
     assert result["frame_error"] == pytest.approx([0.1] * world.num_frames, abs=1e-6)
     assert result["mean_distance"] == pytest.approx(0.1, abs=1e-6)
     assert (result["num_samples"], result["num_frames"]) == (2, world.num_frames)

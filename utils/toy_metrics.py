@@ -103,6 +103,18 @@ def coverage_of(a: Assignment, world: ToyWorld,
     return sum(per_prompt.values()) / len(per_prompt), per_prompt
 
 
+def ideal_coverage(a: Assignment, world: ToyWorld) -> float:
+    """Expected coverage of a perfect sampler with the same number of samples per prompt.
+
+    n uniform draws from K templates reach 1 - (1 - 1/K)^n of them on average: with fewer
+    samples than templates, even the exact teacher cannot reach coverage 1.
+    """
+    k = world.templates_per_prompt
+    counts = torch.bincount(a.own).double()
+    counts = counts[counts > 0]
+    return (1 - (1 - 1 / k) ** counts).mean().item()
+
+
 def coverage(samples: torch.Tensor, prompts: list[str], world: ToyWorld,
              threshold: float = DEFAULT_MATCH_THRESHOLD) -> tuple[float, dict[str, float]]:
     return coverage_of(assign(samples, prompts, world), world, threshold)
@@ -126,6 +138,7 @@ def evaluate(samples: torch.Tensor, prompts: list[str], world: ToyWorld,
         "match_rate": matched(a, threshold).double().mean().item(),
         "coverage": cov,
         "coverage_per_prompt": per_prompt,
+        "coverage_ideal": ideal_coverage(a, world),
         "frame_error": frame_error_of(samples, a),
         "mean_distance": a.nearest_distance.mean().item(),
         "num_samples": samples.shape[0],
