@@ -19,6 +19,7 @@ from model.schedule import FlowSchedule
 from model.wan.attention import CausalPattern
 from pipeline.rollout import chunk_starts, draw_exit_steps, rollout
 from utils.distributed import broadcast_object
+from utils.sample_rng import SampleRNG, mix_seed
 
 
 @dataclass
@@ -46,6 +47,8 @@ class MethodConfig:
     min_step_ratio: float = 0.02  # score timesteps clamped to [ratio * 1000, ...]
     max_step_ratio: float = 0.98
     negative_prompt: str = ""  # the unconditional branch of CFG
+    ode_steps: int = 48  # Euler steps of the teacher's ODE trajectories (ODE regression / warm start)
+    ode_guidance_scale: float = 1.0  # CFG of that ODE, Wan's convention: uncond + g (cond - uncond)
 
     def __post_init__(self):
         if self.min_num_frames is None:
@@ -66,6 +69,8 @@ class MethodConfig:
 
 
 class SelfForcingModel(torch.nn.Module):
+    has_critic = True  # whether the method trains the fake score
+
     def __init__(self, generator, real_score, fake_score, text_encoder, vae, cfg: MethodConfig, latent_shape):
         super().__init__()
         self.generator, self.real_score, self.fake_score = generator, real_score, fake_score
@@ -77,7 +82,7 @@ class SelfForcingModel(torch.nn.Module):
         self.pattern = cfg.pattern
         for frames in {cfg.num_training_frames, cfg.min_num_frames, cfg.max_num_frames}:
             self.pattern.check_clip(frames)
-        self.rng: torch.Generator | None = None  # device draws (noise); reseeded per step
+        self.rng: SampleRNG | None = None  # device draws, one stream per sample; set by reseed()
         self.host_rng = random.Random(0)  # host choices (exit steps, rollout length), agreed across ranks
         self._negative: torch.Tensor | None = None
 
@@ -85,10 +90,16 @@ class SelfForcingModel(torch.nn.Module):
     def device(self) -> torch.device:
         return next(self.generator.parameters()).device
 
-    def reseed(self, seed: int, rank: int, step: int) -> None:
-        """Noise from (seed, rank, step) so ranks differ and a resumed run replays the same draws."""
-        self.rng = torch.Generator(self.device).manual_seed(hash((seed, rank, step)) % 2**63)
-        self.host_rng = random.Random(hash((seed, step)))
+    def reseed(self, seed: int, step: int, phase: str, sample_ids: list[int]) -> None:
+        """Seed the draws of one (micro-)batch.
+
+        Noise comes from one stream per sample, keyed by (seed, step, phase, global sample index),
+        so a global batch gives the same draws however it is split into micro-batches and ranks,
+        and a resumed run replays them. Host choices (rollout length, exit steps) come from
+        (seed, step, phase): the same for every micro-batch of the step, and broadcast from rank 0.
+        """
+        self.rng = SampleRNG.for_samples(seed, step, phase, sample_ids, self.device)
+        self.host_rng = random.Random(mix_seed(seed, step, phase))
 
     # ---------------------------------------------------------------- conditioning
     @torch.no_grad()
@@ -120,7 +131,7 @@ class SelfForcingModel(torch.nn.Module):
         """Self-rollout of the generator: (clip of the last num_training_frames, grad mask [F], denoised range)."""
         context = self.encode(batch["prompts"])
         num_frames, exits = self.plan_rollout()
-        noise = torch.randn((context.shape[0], num_frames, *self.latent_shape), generator=self.rng, device=self.device)
+        noise = self.rng.randn((context.shape[0], num_frames, *self.latent_shape))
         window = self.cfg.num_training_frames
         grad_from = next(s for s in reversed(chunk_starts(self.pattern, num_frames)) if s <= num_frames - window)
         out = rollout(
@@ -138,6 +149,13 @@ class SelfForcingModel(torch.nn.Module):
         t_to = 0 if k == len(self.steps) - 1 else self.schedule.unwarped_index(self.steps[k + 1])
         return t_from, t_to
 
+    def block_step_index(self, batch: int, num_frames: int) -> torch.Tensor:
+        """[B, F] long: a random index into the step list per sample and block (same within a block)."""
+        starts = chunk_starts(self.pattern, num_frames)
+        index = self.rng.randint(0, len(self.steps), (batch, len(starts)))
+        lengths = torch.tensor([self.pattern.block_length(s) for s in starts], device=index.device)
+        return index.repeat_interleave(lengths, dim=1)
+
     # ---------------------------------------------------------------- scores
     def x0(self, net, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         return self.schedule.x0_from_flow(x_t, net(x_t, t, context), t)
@@ -150,12 +168,13 @@ class SelfForcingModel(torch.nn.Module):
         return pred + scale * (pred - self.x0(net, x_t, t, self.negative(x_t.shape[0])))
 
     def score_timestep(self, batch: int, frames: int, denoised: tuple[int, int] | None) -> torch.Tensor:
+        """[B, F]: uniform in [low, high) per sample, shifted and clamped as the reference does."""
         cfg, n = self.cfg, self.schedule.num_train_timesteps
         low = denoised[1] if cfg.ts_schedule and denoised else cfg.min_score_timestep
         high = denoised[0] if cfg.ts_schedule_max and denoised else n
-        return self.schedule.sample_timestep(
-            batch, frames, low, high, shift=cfg.timestep_shift, min_step=int(cfg.min_step_ratio * n),
-            max_step=int(cfg.max_step_ratio * n), generator=self.rng, device=self.device,
+        u = self.rng.randint(low, max(high, low + 1), (batch,))
+        return self.schedule.score_timestep(
+            u, frames, shift=cfg.timestep_shift, min_step=int(cfg.min_step_ratio * n), max_step=int(cfg.max_step_ratio * n)
         )
 
     # ---------------------------------------------------------------- losses
@@ -166,9 +185,12 @@ class SelfForcingModel(torch.nn.Module):
         """Flow-matching denoising loss of the fake score on the generator's (detached) samples."""
         with torch.no_grad():
             video, _, denoised = self.generate(batch)
-        context = self.encode(batch["prompts"])
+        return self.denoising_loss(video, self.encode(batch["prompts"]), denoised)
+
+    def denoising_loss(self, video: torch.Tensor, context: torch.Tensor, denoised=None) -> tuple[torch.Tensor, dict]:
+        """Flow matching of the fake score on clean clips `video` (eq. 1 of Lipman et al.: ||v - (eps - x0)||^2)."""
         t = self.score_timestep(video.shape[0], video.shape[1], denoised)
-        noise = torch.randn(video.shape, generator=self.rng, device=video.device, dtype=video.dtype)
+        noise = self.rng.randn_like(video)
         flow = self.fake_score(self.schedule.add_noise(video, noise, t), t, context)
         loss = F.mse_loss(flow.float(), (noise - video).float())
         return loss, {"critic_loss": loss.detach(), "critic_timestep": t.mean().detach()}

@@ -24,15 +24,12 @@ class CausVidConfig(MethodConfig):
 
 
 class CausVid(DMD):
+    config_class = CausVidConfig
     cfg: CausVidConfig
 
     def block_timesteps(self, batch: int, num_frames: int) -> torch.Tensor:
         """[B, F]: one step of the step list per sample and block."""
-        starts = chunk_starts(self.pattern, num_frames)
-        index = torch.randint(0, len(self.steps), (batch, len(starts)), generator=self.rng, device=self.device)
-        lengths = torch.tensor([self.pattern.block_length(s) for s in starts], device=self.device)
-        steps = torch.tensor(self.steps, device=self.device)
-        return steps[index].repeat_interleave(lengths, dim=1)
+        return torch.tensor(self.steps, device=self.device)[self.block_step_index(batch, num_frames)]
 
     def denoise_data(self, latents: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor, context: torch.Tensor):
         """The generator's x0 for every block of a noised data clip."""
@@ -52,18 +49,22 @@ class CausVid(DMD):
                     clean = latents[:, start:end]
                     c = self.cfg.context_noise
                     if c > 0:
-                        clean = self.schedule.add_noise(clean, torch.randn(clean.shape, generator=self.rng, device=clean.device, dtype=clean.dtype), c)
+                        clean = self.schedule.add_noise(clean, self.rng.randn_like(clean), c)
                     ctx_t = torch.full(clean.shape[:2], float(c), device=clean.device)
                     self.generator(clean, ctx_t, context, kv_cache=cache, frame_offset=start, crossattn_cache=cross)
         return torch.cat(outputs, dim=1)
 
     def generate(self, batch: dict):
-        latents = batch["latents"].to(self.device)
+        if "latents" in batch:
+            latents = batch["latents"].to(self.device)
+        else:  # pixel clips from the data set
+            with torch.no_grad():
+                latents = self.vae.encode(batch["video"].to(self.device))
         b, frames = latents.shape[:2]
         if frames != self.cfg.num_training_frames:
             raise ValueError(f"data clips have {frames} latent frames, expected num_training_frames={self.cfg.num_training_frames}")
         context = self.encode(batch["prompts"])
         t = self.block_timesteps(b, frames)
-        noise = torch.randn(latents.shape, generator=self.rng, device=latents.device, dtype=latents.dtype)
+        noise = self.rng.randn_like(latents)
         video = self.denoise_data(latents, self.schedule.add_noise(latents, noise, t), t, context)
         return video, torch.ones(frames, dtype=torch.bool), None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model.base import SelfForcingModel
+from model.base import MethodConfig, SelfForcingModel
 
 
 def dmd_loss(x, pred_real, pred_fake, mask: torch.Tensor | None = None):
@@ -31,13 +31,15 @@ def dmd_loss(x, pred_real, pred_fake, mask: torch.Tensor | None = None):
 
 
 class DMD(SelfForcingModel):
+    config_class = MethodConfig
+
     def generator_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         video, mask, denoised = self.generate(batch)
         context = self.encode(batch["prompts"])
         b, frames = video.shape[:2]
         t = self.score_timestep(b, frames, denoised)
         with torch.no_grad():
-            noise = torch.randn(video.shape, generator=self.rng, device=video.device, dtype=video.dtype)
+            noise = self.rng.randn_like(video)
             noisy = self.schedule.add_noise(video.detach(), noise, t)
             pred_fake = self.guided_x0(self.fake_score, noisy, t, context, self.cfg.fake_guidance_scale)
             pred_real = self.guided_x0(self.real_score, noisy, t, context, self.cfg.guidance_scale)

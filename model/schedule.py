@@ -74,26 +74,13 @@ class FlowSchedule:
         return s
 
     # ---------------------------------------------------------------- sampling
-    def sample_timestep(
-        self,
-        batch: int,
-        frames: int,
-        low: int,
-        high: int,
-        *,
-        shift: float,
-        min_step: int,
-        max_step: int,
-        generator: torch.Generator | None,
-        device,
-    ) -> torch.Tensor:
-        """A score/critic timestep per sample (uniform over its frames): [B, F] float.
+    def score_timestep(self, u: torch.Tensor, frames: int, *, shift: float, min_step: int, max_step: int) -> torch.Tensor:
+        """A score/critic timestep per sample, uniform over its frames: [B, F] float.
 
-        Uniform integer in [low, high), warped by `shift` when shift > 1, clamped to [min_step, max_step],
-        in the reference's order.
+        u: [B] integers drawn uniformly in [low, high) by the caller; warped by `shift` when
+        shift > 1, then clamped to [min_step, max_step], in the reference's order.
         """
-        high = max(high, low + 1)
-        t = torch.randint(low, high, (batch, 1), generator=generator, device=device).float().expand(batch, frames)
+        t = u.float()[:, None].expand(u.shape[0], frames)
         if shift > 1:
             n = self.num_train_timesteps
             t = n * shift_time(t / n, shift)

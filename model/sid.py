@@ -33,6 +33,7 @@ def sid_loss(x, pred_real, pred_fake, alpha: float, mask: torch.Tensor | None = 
 
 
 class SiD(SelfForcingModel):
+    config_class = SiDConfig
     cfg: SiDConfig
 
     def generator_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -40,7 +41,7 @@ class SiD(SelfForcingModel):
         context = self.encode(batch["prompts"])
         b, frames = video.shape[:2]
         t = self.score_timestep(b, frames, denoised)
-        noise = torch.randn(video.shape, generator=self.rng, device=video.device, dtype=video.dtype)
+        noise = self.rng.randn_like(video)
         noisy = self.schedule.add_noise(video, noise, t)  # not detached: SiD differentiates through the scores
         pred_fake = self.guided_x0(self.fake_score, noisy, t, context, self.cfg.fake_guidance_scale)
         pred_real = self.guided_x0(self.real_score, noisy, t, context, self.cfg.guidance_scale)

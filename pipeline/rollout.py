@@ -60,7 +60,7 @@ def rollout(
     exit_steps: Sequence[int] | None = None,
     grad_from_frame: int | None = None,
     context_noise: float = 0.0,
-    rng: torch.Generator | None = None,
+    rng=None,
     kv_cache: KVCache | None = None,
     crossattn_cache: CrossAttnCache | None = None,
     on_chunk: Callable[[int, torch.Tensor], None] | None = None,
@@ -72,7 +72,7 @@ def rollout(
     (already warped), decreasing. exit_steps: per chunk, the step whose x0 is the output (None: the
     last step, i.e. inference). grad_from_frame: None runs everything without grad; an int runs the
     exit step of every chunk that starts at or after that frame with grad (gradient truncation).
-    rng: draws the re-noising noise. on_chunk(start, x0) streams each finished chunk (for decoding).
+    rng: draws the re-noising noise (a SampleRNG, a torch.Generator or None). on_chunk(start, x0) streams each finished chunk (for decoding).
     keep_cache: also write the last chunk into the cache (to continue the clip later).
     """
     batch, num_frames, _, height, width = noise.shape
@@ -115,5 +115,7 @@ def rollout(
     return Rollout(torch.cat(outputs, dim=1), grad_mask, exit_steps)
 
 
-def _randn_like(x: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
+def _randn_like(x: torch.Tensor, rng) -> torch.Tensor:
+    if hasattr(rng, "randn_like"):  # a SampleRNG: per-sample streams
+        return rng.randn_like(x)
     return torch.randn(x.shape, generator=rng, device=x.device, dtype=x.dtype)

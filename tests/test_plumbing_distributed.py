@@ -243,7 +243,7 @@ def test_disabled_tracker_never_imports_wandb(tmp_path, fake_wandb):
     tracker.log_video(tmp_path / "a.mp4", "sample", step=4)
     tracker.finish()
     assert "wandb" not in sys.modules
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert rows == [{"step": 3, "loss": 0.5}, {"step": 4, "sample": str(tmp_path / "a.mp4")}]
     assert isinstance(make_tracker("offline", "proj", "run", tmp_path / "r1", {}, rank=1), NullTracker)
     assert "wandb" not in sys.modules and not (tmp_path / "r1").exists()

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from model.toy import ToyWorld
-from utils.toy_metrics import (append_jsonl, coverage, distance, euler_flow, evaluate,
-                               flow_sigmas, frame_error, frame_rmse, match_rate, pairwise_distance)
+from pipeline.ode import euler_sample, sigma_grid
+from utils.toy_metrics import (append_jsonl, coverage, distance, evaluate,
+                               frame_error, frame_rmse, match_rate, pairwise_distance)
 from utils.video import grid_video, to_uint8, write_video
 
 A, B = "a red circle moving left", "a blue square moving up"
@@ -80,11 +81,12 @@ def test_evaluate_bundles_the_metrics(world):
 
 
 def test_flow_schedule_and_euler_steps():
-    s = flow_sigmas(4, shift=1.0)
-    assert s.tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
-    shifted = flow_sigmas(4, shift=5.0)
+    s = sigma_grid(4, shift=1.0)
+    assert s == [1.0, 0.75, 0.5, 0.25, 0.0]
+    shifted = sigma_grid(4, shift=5.0)
     assert shifted[0] == 1 and shifted[-1] == 0
-    assert shifted[2].item() == pytest.approx(5 * 0.5 / (1 + 4 * 0.5))
+    assert shifted[2] == pytest.approx(5 * 0.5 / (1 + 4 * 0.5))
+    assert sigma_grid(4, shift=1.0, include=[0.6]) == [1.0, 0.75, 0.6, 0.5, 0.25, 0.0]
     # A model whose flow is x - x0 for a fixed x0 and any input: each Euler step on s is exact
     # for the straight path, so the sampler lands on x0 from any noise.
     x0 = torch.full((2, 3, 1, 2, 2), 0.25, dtype=torch.float64)
@@ -92,12 +94,14 @@ def test_flow_schedule_and_euler_steps():
     seen = []
 
     def model(x, t, ctx):
-        seen.append(t[0].item())
+        seen.append(t[0, 0].item())  # timesteps are per frame, [B, F]
         return noise - x0
 
-    out = euler_flow(model, noise, shifted, context=None)
+    out, states = euler_sample(model, noise, shifted, context=None, record=[1.0, shifted[2]])
     assert torch.allclose(out, x0)
-    assert seen == pytest.approx((shifted[:-1] * 1000).tolist())
+    assert seen == pytest.approx([s * 1000 for s in shifted[:-1]])
+    assert torch.equal(states[0], noise)  # the state recorded at s = 1 is the initial noise
+    assert torch.allclose(states[1], (1 - shifted[2]) * x0 + shifted[2] * noise)  # on the straight path
 
 
 def test_append_jsonl_writes_one_line_per_evaluation(tmp_path):

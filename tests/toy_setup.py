@@ -24,5 +24,5 @@ def toy_method(cls, cfg_cls=MethodConfig, seed: int = 0, **cfg):
     defaults = dict(num_frame_per_block=2, num_training_frames=world.num_frames, guidance_scale=1.0)
     config = cfg_cls(**{**defaults, **cfg})
     model = cls(generator, teacher, critic, text, vae, config, (3, world.height, world.width))
-    model.reseed(seed, 0, 0)
+    model.reseed(seed, 0, "test", [0, 1])  # draws for a batch of two
     return model, world

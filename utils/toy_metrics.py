@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from model.toy.world import ToyWorld
+from pipeline.ode import euler_sample, sigma_grid
 
 # Templates of different prompts are at least 0.316 apart in `distance` (a red circle against a
 # red triangle on the same path, at 16 x 16), so a sample within 0.1 of a template is far from
@@ -147,35 +148,6 @@ def evaluate(samples: torch.Tensor, prompts: list[str], world: ToyWorld,
     }
 
 
-def flow_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
-    """Noise levels s from 1 to 0, [steps + 1] float64, with Wan / SD3's timestep shift.
-
-    s' = shift s / (1 + (shift - 1) s) spends more steps at high noise for shift > 1.
-    """
-    s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    return shift * s / (1 + (shift - 1) * s)
-
-
-@torch.no_grad()
-def euler_flow(model, noise: torch.Tensor, sigmas: torch.Tensor, context: torch.Tensor,
-               uncond_context: torch.Tensor | None = None, guidance_scale: float = 1.0):
-    """Flow-matching Euler from s = sigmas[0] to sigmas[-1]: x <- x + (s_next - s) v(x, s).
-
-    With uncond_context and guidance_scale != 1: v = v_u + g (v_c - v_u) (classifier-free).
-    """
-    x = noise
-    for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
-        # float32 timesteps as the backbone expects them; float64 when the state is float64.
-        t = torch.full((x.shape[0],), s * 1000.0, device=x.device,
-                       dtype=torch.promote_types(x.dtype, torch.float32))
-        v = model(x, t, context)
-        if uncond_context is not None and guidance_scale != 1.0:
-            v_u = model(x, t, uncond_context)
-            v = v_u + guidance_scale * (v - v_u)
-        x = x.add(v, alpha=s_next - s)
-    return x
-
-
 @torch.no_grad()
 def sample_teacher(teacher, text_encoder, prompts: list[str], num_frames: int, steps: int = 50,
                    shift: float = 5.0, guidance_scale: float = 1.0,
@@ -191,15 +163,15 @@ def sample_teacher(teacher, text_encoder, prompts: list[str], num_frames: int, s
     device = teacher.prompt_table.device
     shape = (len(prompts), num_frames, world.channels, world.height, world.width)
     noise = torch.randn(shape, generator=generator, dtype=torch.float64)
-    sigmas = flow_sigmas(steps, shift)
+    sigmas = sigma_grid(steps, shift)
     out = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         context = text_encoder(chunk)["prompt_embeds"].to(device)
         uncond = text_encoder([""] * len(chunk))["prompt_embeds"].to(device) \
             if guidance_scale != 1.0 else None
-        x = euler_flow(teacher, noise[i:i + batch_size].to(device), sigmas, context, uncond,
-                       guidance_scale)
+        x, _ = euler_sample(teacher, noise[i:i + batch_size].to(device), sigmas, context, uncond,
+                            guidance_scale)
         out.append(x.float().cpu())
     return torch.cat(out)
 

@@ -1,6 +1,6 @@
 """Experiment tracking (rank 0 only) and the training progress bar.
 
-Rank 0 always appends metrics and video paths to `<run_dir>/metrics.jsonl`, so a run without
+Rank 0 always appends metrics and video paths to `<run_dir>/log.jsonl`, so a run without
 wandb (the default toy run, CI) still leaves a machine-readable record; wandb is imported only
 when asked for. Other ranks get a tracker that does nothing (nanochat's DummyWandb), so the loop
 calls the same methods everywhere.
@@ -57,8 +57,8 @@ class Tracker(NullTracker):
     def __init__(self, run_dir: str | Path, wandb_run: Any = None):
         self.wandb_run = wandb_run
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        self._file = open(Path(run_dir) / "metrics.jsonl", "a")
-        self.videos: list[tuple[int, str, str]] = []  # (step, key, path), also in metrics.jsonl
+        self._file = open(Path(run_dir) / "log.jsonl", "a")
+        self.videos: list[tuple[int, str, str]] = []  # (step, key, path), also in log.jsonl
 
     def _record(self, row: dict) -> None:
         self._file.write(json.dumps(row) + "\n")

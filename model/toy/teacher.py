@@ -135,5 +135,5 @@ class ExactTeacher(torch.nn.Module):
         # x: [B, F, C, H, W]; the flow v = eps_hat - x0_hat = (x_t - x0_hat) / s.
         x_t, sigma = self._inputs(x, timestep)
         x0 = self._x0(x_t, sigma, context)
-        v = torch.sub(x_t, x0, out=x0).div_(sigma.clamp_min(self.s_min)[..., None])
+        v = (x_t - x0) / sigma.clamp_min(self.s_min)[..., None]  # out-of-place: SiD differentiates through it
         return v.view_as(x).to(x.dtype)

@@ -1,0 +1,183 @@
+"""Train a block-causal student: Self Forcing (DMD, SiD) or CausVid. Hydra entry point.
+
+    python train.py                                   # the embedded default: DMD on the toy world
+    python train.py method=sid max_steps=100          # override a knob
+    python train.py -m method.guidance_scale=2,3,4    # a sweep
+    python train.py hydra.run.dir=outputs/run1 resume=latest   # continue a run
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from utils import config as config_schema  # registers the typed schema
+from utils.build import Batches, build_method, build_optimizer, pick_device
+from utils.checkpoint import CheckpointManager, resolve_resume
+from utils.distributed import all_reduce_mean, init_distributed, log0
+from utils.ema import EMA
+from utils.evaluation import evaluate_toy
+from utils.rng import get_rng_state, seed_everything, set_rng_state
+from utils.tracker import ProgressBar, make_tracker
+
+log = logging.getLogger("train")
+
+
+def step_update(method, phase, net, optimizer, scheduler, batches, step, cfg, dist, accumulation):
+    """One optimizer update of `net` (generator or critic) over the accumulated micro-batches."""
+    loss_fn = method.generator_loss if phase == "generator" else method.critic_loss
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer.zero_grad(set_to_none=True)
+    logs: dict[str, float] = {}
+    for micro in range(accumulation):
+        ids, batch = batches.get(step, micro, dist.rank)
+        method.reseed(cfg.seed, step, phase, ids)
+        loss, parts = loss_fn(batch)
+        # backward into this net only: SiD's loss runs through the critic, which this update must not touch
+        (loss / accumulation).backward(inputs=params)
+        for k, v in parts.items():
+            logs[k] = logs.get(k, 0.0) + float(v) / accumulation
+    key = f"{phase}_loss"
+    if not math.isfinite(logs[key]):
+        raise FloatingPointError(
+            f"{key} is {logs[key]} at step {step}: training stopped before the update, so no NaN weights were "
+            "saved; resume from the last checkpoint with a lower learning rate or check the inputs"
+        )
+    for p in params:  # average over ranks (single process: nothing to do)
+        if p.grad is not None and dist.world_size > 1:
+            all_reduce_mean(p.grad)
+    optim_cfg = cfg.generator_optim if phase == "generator" else cfg.critic_optim
+    if optim_cfg.grad_clip > 0:
+        logs[f"{phase}_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, optim_cfg.grad_clip))
+    optimizer.step()
+    scheduler.step()
+    return logs
+
+
+def export_of(method, ema: EMA | None, cfg: DictConfig) -> dict:
+    """The inference weights: EMA once it has started, else the generator; with their config."""
+    if ema is not None and ema.active:
+        weights = ema.full_state_dict()
+    else:
+        weights = {k: v.detach() for k, v in method.generator.state_dict().items()}
+    config = {
+        "backbone": OmegaConf.to_container(cfg.model.backbone, resolve=True),
+        "method": OmegaConf.to_container(cfg.method, resolve=True),
+        "model": OmegaConf.to_container(cfg.model, resolve=False),
+        "data": OmegaConf.to_container(cfg.data, resolve=False),
+        "weights": "ema" if ema is not None and ema.active else "generator",
+    }
+    return {"weights": weights, "config": config}
+
+
+def evaluation_generator(method, ema: EMA | None):
+    """The network to sample with: an EMA copy once EMA has started, else the generator itself."""
+    if ema is None or not ema.active:
+        return method.generator
+    import copy
+
+    net = copy.deepcopy(method.generator)
+    ema.copy_to(net)
+    return net.eval()
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    dist = init_distributed()
+    device = pick_device(cfg, dist.local_rank)
+    seed_everything(cfg.seed, dist.rank)
+    method = build_method(cfg, device)
+    accumulation = config_schema.accumulation_steps(cfg, dist.world_size)
+    is_causvid = cfg.method._target_.endswith("CausVid")
+    dataset = instantiate(cfg.data.videos if is_causvid else cfg.data.prompts)
+    batches = Batches(dataset, cfg.batch_size, dist.world_size, accumulation)
+    gen_updates = math.ceil(cfg.max_steps / cfg.dfake_gen_update_ratio)
+    g_opt, g_sched = build_optimizer(method.generator.parameters(), cfg.generator_optim, gen_updates)
+    c_opt, c_sched = build_optimizer(method.fake_score.parameters(), cfg.critic_optim, cfg.max_steps)
+    ema = EMA(method.generator, cfg.ema_weight, cfg.ema_start_step) if cfg.ema_weight > 0 else None
+
+    state = {"generator": method.generator, "critic": method.fake_score, "generator_optim": g_opt,
+             "critic_optim": c_opt, "generator_sched": g_sched, "critic_sched": c_sched}
+    if ema is not None:
+        state["ema"] = ema
+    meta = {"step": 0, "rng": get_rng_state(), "config": OmegaConf.to_yaml(cfg)}
+    state["meta"] = meta
+    checkpoints = CheckpointManager(run_dir, cfg.checkpoint.keep)
+    start = 0
+    resume_from = resolve_resume(cfg.resume, run_dir)
+    if resume_from is not None:
+        start = checkpoints.load(resume_from, state)
+        set_rng_state(state["meta"]["rng"])
+        log0("resumed from %s at step %d", resume_from, start)
+
+    tracker = make_tracker(cfg.logger.mode, cfg.logger.project, cfg.logger.name or run_dir.name, run_dir,
+                           OmegaConf.to_container(cfg, resolve=True), dist.rank)
+    eval_frames = cfg.eval.num_frames or cfg.method.num_training_frames
+    results: dict = {}
+
+    def evaluate(step: int):
+        if cfg.data.metrics is None or not dist.is_main:
+            return
+        record = evaluate_toy(method, evaluation_generator(method, ema), cfg.data, step, cfg.seed, run_dir, eval_frames)
+        results.setdefault("first", record)
+        results["last"] = record
+        tracker.log({k: v for k, v in record.items() if isinstance(v, float)}, step)
+        log0("step %d: match rate %.3f, coverage %.3f (%d frames); %d frames: match rate %.3f",
+             step, record["match_rate"], record["coverage"], eval_frames, record["long_num_frames"], record["long_match_rate"])
+
+    def save(step: int):
+        state["meta"].update(step=step, rng=get_rng_state())
+        path = checkpoints.save(step, state, export=export_of(method, ema, cfg))
+        log0("checkpoint: %s", path)
+
+    if start == 0 and cfg.eval.at_start:
+        evaluate(0)
+    bar = ProgressBar(cfg.max_steps, start)
+    logs: dict[str, float] = {}
+    for step in range(start, cfg.max_steps):
+        # 1. generator update every dfake_gen_update_ratio steps (self-rollout, DMD/SiD, EMA)
+        if step % cfg.dfake_gen_update_ratio == 0:
+            logs.update(step_update(method, "generator", method.generator, g_opt, g_sched, batches, step, cfg, dist, accumulation))
+            if ema is not None:
+                ema.update(method.generator, step)
+        # 2. critic update every step (denoising loss on fresh generator samples)
+        logs.update(step_update(method, "critic", method.fake_score, c_opt, c_sched, batches, step, cfg, dist, accumulation))
+        done = step + 1
+        bar.update(done, {k: v for k, v in logs.items() if k.endswith("loss")})
+        if done % cfg.logger.every == 0:
+            tracker.log(logs, done)
+        if cfg.eval.every > 0 and done % cfg.eval.every == 0 and done != cfg.max_steps:
+            evaluate(done)
+        if cfg.checkpoint.every > 0 and done % cfg.checkpoint.every == 0 and done != cfg.max_steps:
+            save(done)
+    bar.close()
+    if start < cfg.max_steps or resume_from is None:
+        save(cfg.max_steps)
+        evaluate(cfg.max_steps)
+    tracker.finish()
+    results["run_dir"] = str(run_dir)
+    return results
+
+
+def report(results: dict) -> None:
+    log0("outputs in %s: checkpoints/, samples/, metrics.jsonl", results["run_dir"])
+    if "first" in results and "last" in results:
+        first, last = results["first"], results["last"]
+        log0("match rate %.3f -> %.3f, coverage %.3f -> %.3f (step %d -> %d)", first["match_rate"],
+             last["match_rate"], first["coverage"], last["coverage"], first["step"], last["step"])
+
+
+@hydra.main(config_path="configs", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    config_schema.validate(cfg)
+    report(train(cfg, Path(HydraConfig.get().runtime.output_dir)))
+
+
+if __name__ == "__main__":
+    main()

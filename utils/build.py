@@ -1,0 +1,121 @@
+"""Build a training run's parts from the config: networks, the method, optimizers, data batches.
+
+Plain code, in the order torchtitan uses: build the networks, set their precision and training
+mode, hand them to the method; optimizers last (so a later sharding step can come before them).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from model.base import SelfForcingModel
+from model.wan.transformer import WanDiT
+from model.wan.weights import load_backbone, load_strict, read_state_dict
+from utils.config import method_config
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def pick_device(cfg: DictConfig, local_rank: int = 0) -> torch.device:
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was asked for but no CUDA device is available; use device=cpu or auto")
+    return torch.device("cuda", local_rank)
+
+
+def _frozen(module: torch.nn.Module) -> torch.nn.Module:
+    return module.eval().requires_grad_(False)
+
+
+def build_backbone(cfg: DictConfig, init: str | None) -> WanDiT:
+    backbone = OmegaConf.to_container(cfg.model.backbone, resolve=True)
+    if init is None:
+        return WanDiT(**backbone)
+    model = WanDiT(**backbone)
+    load_strict(model, read_state_dict(init), source=init)
+    return model
+
+
+def build_method(cfg: DictConfig, device: torch.device) -> SelfForcingModel:
+    """Generator, real score, fake score, text encoder and VAE, handed to the method class."""
+    m = cfg.model
+    text_encoder = _frozen(instantiate(m.text_encoder)).to(device)
+    vae = _frozen(instantiate(m.vae)).to(device)
+    if m.teacher is not None:
+        real_score = instantiate(m.teacher)
+    elif m.teacher_path is not None:
+        real_score = load_backbone(m.teacher_path)
+    else:
+        raise ValueError("model.teacher (a _target_ node) or model.teacher_path (Wan weights) must be set")
+    real_score = _frozen(real_score).to(device)
+    generator = build_backbone(cfg, m.generator_init)
+    if m.critic_init == "generator":
+        fake_score = copy.deepcopy(generator)
+    elif m.critic_init == "teacher":
+        if not isinstance(real_score, WanDiT):
+            raise ValueError(
+                f"model.critic_init=teacher needs a Wan teacher, but the teacher is {type(real_score).__name__}; "
+                "use critic_init=generator or random"
+            )
+        fake_score = copy.deepcopy(real_score).requires_grad_(True)
+    else:
+        fake_score = WanDiT(**OmegaConf.to_container(m.backbone, resolve=True))
+    dtype = DTYPES[m.dtype]
+    for net in (generator, fake_score):
+        net.to(device=device, dtype=dtype).train().requires_grad_(True)
+        net.set_attention_backend(m.attention_backend)
+        if m.gradient_checkpointing:
+            net.enable_gradient_checkpointing()
+    if isinstance(real_score, WanDiT):
+        real_score.to(dtype=dtype).set_attention_backend(m.attention_backend)
+    cls = get_class(cfg.method._target_)
+    return cls(generator, real_score, fake_score, text_encoder, vae, method_config(cfg), tuple(m.latent_shape))
+
+
+def build_optimizer(params, cfg: DictConfig, max_updates: int):
+    """AdamW with optional linear warm-up and cosine decay (LambdaLR over this optimizer's updates)."""
+    params = [p for p in params if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps)
+
+    def factor(update: int) -> float:
+        if cfg.warmup_steps > 0 and update < cfg.warmup_steps:
+            return (update + 1) / cfg.warmup_steps
+        if cfg.schedule == "cosine":
+            progress = min(1.0, (update - cfg.warmup_steps) / max(1, max_updates - cfg.warmup_steps))
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class Batches:
+    """Deterministic batches: the items of (step, micro-batch, rank) are a function of those alone.
+
+    The data position is the step itself, so resuming needs no sampler state; every global batch
+    is `total` consecutive indices (mod the dataset length), split across accumulation and ranks.
+    """
+
+    dataset: torch.utils.data.Dataset
+    batch_size: int
+    world_size: int
+    accumulation: int
+
+    def sample_ids(self, step: int, micro: int, rank: int) -> list[int]:
+        per_step = self.batch_size * self.world_size * self.accumulation
+        first = step * per_step + (micro * self.world_size + rank) * self.batch_size
+        return list(range(first, first + self.batch_size))
+
+    def get(self, step: int, micro: int, rank: int) -> tuple[list[int], dict]:
+        ids = self.sample_ids(step, micro, rank)
+        items = [self.dataset[i % len(self.dataset)] for i in ids]
+        if isinstance(items[0], str):
+            return ids, {"prompts": items}
+        return ids, {"prompts": [it["prompts"] for it in items], "video": torch.stack([it["video"] for it in items])}

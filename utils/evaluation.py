@@ -1,0 +1,57 @@
+"""Periodic evaluation: sample clips with the (EMA) generator through the inference rollout, score
+them against the toy world's ground truth, and write a labelled sample grid."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from model.base import SelfForcingModel
+from model.wan.attention import CausalPattern
+from pipeline.rollout import rollout
+from utils.sample_rng import SampleRNG
+
+
+def long_pattern(method: SelfForcingModel) -> CausalPattern:
+    """The generator's pattern for clips past the training length: a rolling window of that length."""
+    pattern = method.pattern
+    if pattern.windowed:
+        return pattern
+    return replace(pattern, local_attn_size=method.cfg.num_training_frames)
+
+
+@torch.no_grad()
+def sample(method: SelfForcingModel, generator, prompts: list[str], num_frames: int, seed: int) -> torch.Tensor:
+    """Clips [N, F, C, H, W] in pixel space, noise keyed by (seed, sample index)."""
+    rng = SampleRNG.for_samples(seed, 0, "eval", list(range(len(prompts))), method.device)
+    noise = rng.randn((len(prompts), num_frames, *method.latent_shape))
+    pattern = method.pattern if num_frames <= method.cfg.num_training_frames else long_pattern(method)
+    out = rollout(
+        generator, noise, method.encode(prompts), method.steps, pattern, schedule=method.schedule,
+        context_noise=method.cfg.context_noise, rng=rng,
+    )
+    return method.vae.decode(out.video).float().cpu()
+
+
+def evaluate_toy(method, generator, data_cfg, step: int, seed: int, run_dir: Path, num_frames: int) -> dict:
+    """Toy-world metrics at the training length and at metrics.long_num_frames; a grid video."""
+    from utils.toy_metrics import append_jsonl, evaluate
+    from utils.video import grid_video, write_video
+
+    world, metrics_cfg = method.real_score.world, data_cfg.metrics
+    prompts = [p for p in world.prompts for _ in range(metrics_cfg.samples_per_prompt)]
+    record = {"step": step}
+    lengths = {"": num_frames, "long_": metrics_cfg.long_num_frames}
+    for prefix, frames in lengths.items():
+        clips = sample(method, generator, prompts, frames, seed)
+        scores = evaluate(clips, prompts, world, metrics_cfg.match_threshold)
+        record.update({f"{prefix}{k}": v for k, v in scores.items() if k != "coverage_per_prompt"})
+        if prefix == "":
+            first = clips[:: metrics_cfg.samples_per_prompt]
+            grid = grid_video(first, world.prompts, title=f"step {step}")
+            for ext in ("mp4", "gif"):
+                write_video(run_dir / "samples" / f"step_{step:06d}.{ext}", grid)
+    append_jsonl(run_dir / "metrics.jsonl", record)
+    return record
