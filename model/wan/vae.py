@@ -1,0 +1,168 @@
+"""Wan's VAE: diffusers' AutoencoderKLWan on [B, F, C, H, W], normalised latents, streaming decode.
+
+Latents are normalised per channel as Wan and Self-Forcing do, `(mu - mean) * (1 / std)` with the
+posterior mean (no sampling), and un-normalised as diffusers' WanPipeline does before decoding,
+`z / (1 / std) + mean`.
+
+Streaming: `AutoencoderKLWan._decode` decodes one latent frame at a time through causal convs that
+keep their last input frames in a feature cache (`feat_cache` / `feat_idx`), and its public
+`decode()` clears that cache on every call. `WanStreamDecoder` runs the same per-frame loop but
+keeps its own cache across calls, so a causal generator's chunks can be decoded as they come out,
+and the concatenated chunks equal the whole-clip decode exactly.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import diffusers
+import torch
+from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+from .folder import check_wan_folder
+from .text_encoder import to_dtype
+from .weights import raise_on_mismatch
+
+# The streaming decoder drives AutoencoderKLWan's private per-frame loop (`clear_cache`,
+# `_feat_map`, `decoder(x, feat_cache=, feat_idx=, first_chunk=)`, `post_quant_conv`). `first_chunk`
+# arrived with Wan2.2 support in 0.35; 0.42 is the newest version it was checked against. Widen the
+# range only after tests/test_wan_parts.py passes on the new version.
+DIFFUSERS_SUPPORTED = ">=0.35,<0.43"
+
+
+def check_diffusers_version(version: str | None = None) -> None:
+    version = version or diffusers.__version__
+    if not SpecifierSet(DIFFUSERS_SUPPORTED).contains(Version(version), prereleases=True):
+        raise RuntimeError(
+            f"WanVAE's streaming decoder relies on AutoencoderKLWan internals of diffusers "
+            f"{DIFFUSERS_SUPPORTED}, but diffusers {version} is installed; install a version in that "
+            f"range (pip install 'diffusers{DIFFUSERS_SUPPORTED}') or re-check model/wan/vae.py against it"
+        )
+
+
+def check_decoder_internals(vae: AutoencoderKLWan) -> None:
+    """Fail at construction, not mid-rollout, if the private API the streaming decoder uses changed."""
+    problems = [f"AutoencoderKLWan.{a}" for a in ("clear_cache", "post_quant_conv", "decoder") if not hasattr(vae, a)]
+    if not problems:
+        vae.clear_cache()
+        if not isinstance(getattr(vae, "_feat_map", None), list):
+            problems.append("AutoencoderKLWan._feat_map (a list, set by clear_cache)")
+        params = inspect.signature(vae.decoder.forward).parameters
+        problems += [f"WanDecoder3d.forward({p}=)" for p in ("feat_cache", "feat_idx", "first_chunk") if p not in params]
+    if problems:
+        raise RuntimeError(
+            f"diffusers {diffusers.__version__}'s AutoencoderKLWan lacks what WanVAE's streaming decoder "
+            f"uses: {', '.join(problems)}; install diffusers{DIFFUSERS_SUPPORTED}"
+        )
+
+
+class WanVAE(torch.nn.Module):
+    """encode(video [B, F, 3, H, W] in [-1, 1]) -> latents [B, f, z_dim, h, w] float32, f = 1 + (F-1)/4;
+    decode(latents) -> video [B, F, 3, H, W] float32 in [-1, 1]; stream_decoder(batch) for chunks."""
+
+    def __init__(self, path: str, dtype="bfloat16", device=None):
+        super().__init__()
+        check_diffusers_version()
+        folder = check_wan_folder(path, parts=("vae",))
+        vae, info = AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=to_dtype(dtype), output_loading_info=True)
+        on_meta = {name for name, t in vae.state_dict().items() if t.is_meta}
+        raise_on_mismatch(
+            sorted(set(info["missing_keys"]) | on_meta), sorted(info["unexpected_keys"]),
+            sorted(str(m) for m in info["mismatched_keys"]), f"{folder / 'vae'} does not match AutoencoderKLWan",
+        )
+        check_decoder_internals(vae)
+        self.model = vae.requires_grad_(False).eval()
+        cfg = vae.config
+        self.latent_channels = cfg.z_dim
+        # Derived from the architecture (one 2x step per down block, patchify on top), so a Wan2.2
+        # VAE or any other config gets the right numbers; the config's own factors must agree.
+        self.temporal_compression = 2 ** sum(cfg.temperal_downsample)
+        self.spatial_compression = 2 ** (len(cfg.dim_mult) - 1) * (cfg.patch_size or 1)
+        for key, derived in (("scale_factor_temporal", self.temporal_compression),
+                             ("scale_factor_spatial", self.spatial_compression)):
+            if cfg.get(key) is not None and cfg.get(key) != derived:
+                raise ValueError(f"{folder / 'vae'}/config.json says {key}={cfg.get(key)} but its layers give {derived}")
+        self.pixel_channels = cfg.in_channels // (cfg.patch_size or 1) ** 2  # Wan2.2 patchifies pixels
+        if len(cfg.latents_mean) != cfg.z_dim or len(cfg.latents_std) != cfg.z_dim:
+            raise ValueError(f"{folder / 'vae'}/config.json: latents_mean / latents_std need z_dim={cfg.z_dim} entries")
+        # [1, 1, C, 1, 1]: broadcast over [B, F, C, H, W]; not persistent, they come from the config.
+        shape = (1, 1, cfg.z_dim, 1, 1)
+        self.register_buffer("mean", torch.tensor(cfg.latents_mean, dtype=torch.float32).view(shape), persistent=False)
+        self.register_buffer("inv_std", 1.0 / torch.tensor(cfg.latents_std, dtype=torch.float32).view(shape), persistent=False)
+        if device is not None:
+            self.to(device)
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # frozen
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def _check(self, x: torch.Tensor, channels: int, what: str) -> None:
+        if x.ndim != 5 or x.shape[2] != channels:
+            raise ValueError(f"{what} must be [B, F, {channels}, H, W], got {tuple(x.shape)}")
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        # video: [B, F, C, H, W] pixels in [-1, 1]
+        self._check(video, self.pixel_channels, "video")
+        frames, height, width = video.shape[1], video.shape[3], video.shape[4]
+        t, s = self.temporal_compression, self.spatial_compression
+        if (frames - 1) % t or height % s or width % s:
+            raise ValueError(f"video must have 1 + {t}k frames and H, W divisible by {s}, got F={frames}, {height}x{width}")
+        posterior = self.model.encode(video.to(self.dtype).transpose(1, 2)).latent_dist
+        mu = posterior.mode().transpose(1, 2).float()  # the mean, not a sample: deterministic latents
+        return (mu - self.mean) * self.inv_std
+
+    def _denormalise(self, latents: torch.Tensor) -> torch.Tensor:
+        # [B, f, c, h, w] normalised -> [B, c, f, h, w] in the VAE's dtype
+        self._check(latents, self.latent_channels, "latents")
+        return (latents.float() / self.inv_std + self.mean).to(self.dtype).transpose(1, 2)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """The whole clip at once, through diffusers' public decode (clamped to [-1, 1] there)."""
+        return self.model.decode(self._denormalise(latents)).sample.transpose(1, 2).float()
+
+    def stream_decoder(self, batch_size: int) -> "WanStreamDecoder":
+        return WanStreamDecoder(self, batch_size)
+
+
+class WanStreamDecoder:
+    """Decodes one clip chunk by chunk; concatenating the outputs equals `WanVAE.decode` of the clip.
+
+    The first latent frame gives 1 pixel frame, every later one `temporal_compression` frames. The
+    feature cache lives here, not on the VAE, so several streams and whole-clip decodes can interleave.
+    """
+
+    def __init__(self, vae: WanVAE, batch_size: int):
+        self.vae, self.batch_size = vae, batch_size
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new clip."""
+        self.vae.model.clear_cache()
+        self.feat_cache = [None] * len(self.vae.model._feat_map)
+        self.frames_decoded = 0  # latent frames consumed so far
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        # latents: [B, f, c, h, w], the next f latent frames of the clip -> pixels [B, F', C, H, W]
+        if latents.shape[0] != self.batch_size or latents.shape[1] == 0:
+            raise ValueError(f"expected a chunk [B={self.batch_size}, f>=1, c, h, w], got {tuple(latents.shape)}")
+        model = self.vae.model
+        # The post-quant conv is 1x1x1, so running it per chunk gives what diffusers' whole-clip pass gives.
+        x = model.post_quant_conv(self.vae._denormalise(latents))
+        out = []
+        for i in range(x.shape[2]):  # the loop of AutoencoderKLWan._decode, one latent frame per call
+            first = self.frames_decoded == 0
+            out.append(model.decoder(x[:, :, i : i + 1], feat_cache=self.feat_cache, feat_idx=[0], first_chunk=first))
+            self.frames_decoded += 1
+        video = torch.cat(out, dim=2)
+        if model.config.patch_size is not None:  # Wan2.2's VAE, as in _decode
+            video = unpatchify(video, patch_size=model.config.patch_size)
+        return video.clamp(-1.0, 1.0).transpose(1, 2).float()
