@@ -26,11 +26,12 @@ from utils.ema import EMA
 from utils.evaluation import evaluate_toy
 from utils.rng import get_rng_state, seed_everything, set_rng_state
 from utils.tracker import ProgressBar, make_tracker
+from utils.warm_start import warm_start
 
 log = logging.getLogger("train")
 
 
-def step_update(method, phase, net, optimizer, scheduler, batches, step, cfg, dist, accumulation):
+def step_update(method, phase, net, optimizer, scheduler, batches, step, cfg, dist, accumulation, optim_cfg=None):
     """One optimizer update of `net` (generator or critic) over the accumulated micro-batches."""
     loss_fn = method.generator_loss if phase == "generator" else method.critic_loss
     params = [p for p in net.parameters() if p.requires_grad]
@@ -53,7 +54,7 @@ def step_update(method, phase, net, optimizer, scheduler, batches, step, cfg, di
     for p in params:  # average over ranks (single process: nothing to do)
         if p.grad is not None and dist.world_size > 1:
             all_reduce_mean(p.grad)
-    optim_cfg = cfg.generator_optim if phase == "generator" else cfg.critic_optim
+    optim_cfg = optim_cfg or (cfg.generator_optim if phase == "generator" else cfg.critic_optim)
     if optim_cfg.grad_clip > 0:
         logs[f"{phase}_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, optim_cfg.grad_clip))
     optimizer.step()
@@ -136,18 +137,21 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         path = checkpoints.save(step, state, export=export_of(method, ema, cfg))
         log0("checkpoint: %s", path)
 
-    if start == 0 and cfg.eval.at_start:
-        evaluate(0)
+    if start == 0:
+        warm_start(method, cfg, dist, batches, accumulation, step_update)
+        if cfg.eval.at_start:
+            evaluate(0)
     bar = ProgressBar(cfg.max_steps, start)
     logs: dict[str, float] = {}
     for step in range(start, cfg.max_steps):
         # 1. generator update every dfake_gen_update_ratio steps (self-rollout, DMD/SiD, EMA)
-        if step % cfg.dfake_gen_update_ratio == 0:
+        if step % cfg.dfake_gen_update_ratio == 0 or not method.has_critic:
             logs.update(step_update(method, "generator", method.generator, g_opt, g_sched, batches, step, cfg, dist, accumulation))
             if ema is not None:
                 ema.update(method.generator, step)
         # 2. critic update every step (denoising loss on fresh generator samples)
-        logs.update(step_update(method, "critic", method.fake_score, c_opt, c_sched, batches, step, cfg, dist, accumulation))
+        if method.has_critic:
+            logs.update(step_update(method, "critic", method.fake_score, c_opt, c_sched, batches, step, cfg, dist, accumulation))
         done = step + 1
         bar.update(done, {k: v for k, v in logs.items() if k.endswith("loss")})
         if done % cfg.logger.every == 0:

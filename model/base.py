@@ -104,7 +104,8 @@ class SelfForcingModel(torch.nn.Module):
     # ---------------------------------------------------------------- conditioning
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:
-        return self.text_encoder(prompts)["prompt_embeds"].to(self.device)
+        param = next(self.generator.parameters())
+        return self.text_encoder(prompts)["prompt_embeds"].to(device=param.device, dtype=param.dtype)
 
     def negative(self, batch: int) -> torch.Tensor:
         """The negative-prompt embedding, computed once."""

@@ -65,8 +65,10 @@ def build_method(cfg: DictConfig, device: torch.device) -> SelfForcingModel:
                 "use critic_init=generator or random"
             )
         fake_score = copy.deepcopy(real_score).requires_grad_(True)
-    else:
+    elif m.critic_init == "random":
         fake_score = WanDiT(**OmegaConf.to_container(m.backbone, resolve=True))
+    else:  # a weights file (e.g. a pretrained bidirectional denoiser)
+        fake_score = build_backbone(cfg, m.critic_init)
     dtype = DTYPES[m.dtype]
     for net in (generator, fake_score):
         net.to(device=device, dtype=dtype).train().requires_grad_(True)

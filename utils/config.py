@@ -8,6 +8,7 @@ Component nodes that are built with `hydra.utils.instantiate` (`_target_`) are t
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -36,7 +37,7 @@ class ModelSchema:
     teacher: Any = None  # _target_ node of the real score, or null to load a Wan teacher
     teacher_path: Optional[str] = None  # Wan teacher weights (diffusers folder / safetensors)
     generator_init: Optional[str] = None  # generator weights (export, .pt, folder); null = random
-    critic_init: str = "teacher"  # teacher | generator | random: where the fake score starts
+    critic_init: str = "teacher"  # teacher | generator | random | a weights file: where the fake score starts
     latent_shape: list = field(default_factory=lambda: [16, 60, 104])  # (C, H, W) of a latent frame
     dtype: str = "float32"  # float32 | bfloat16 for the trained networks
     attention_backend: str = "sdpa"  # sdpa | flash_attn
@@ -61,6 +62,13 @@ class OptimSchema:
     grad_clip: float = 10.0  # max gradient norm (<= 0: no clipping)
     warmup_steps: int = 0  # linear warm-up of the learning rate, in updates of this optimizer
     schedule: str = "constant"  # constant | cosine (to 0 at max_steps)
+
+
+@dataclass
+class WarmStartSchema:
+    generator_steps: int = 0  # ODE-regression updates of the generator on the teacher's trajectories, before step 0
+    critic_steps: int = 0  # flow-matching updates of the fake score on the teacher's samples, before step 0
+    optim: OptimSchema = field(default_factory=lambda: OptimSchema(lr=1.0e-3, betas=[0.9, 0.999], weight_decay=0.0))
 
 
 @dataclass
@@ -96,6 +104,7 @@ class TrainSchema:
     ema_start_step: int = 200  # EMA starts (copies the generator) at this step
     generator_optim: OptimSchema = field(default_factory=OptimSchema)
     critic_optim: OptimSchema = field(default_factory=lambda: OptimSchema(lr=4.0e-7))
+    warm_start: WarmStartSchema = field(default_factory=WarmStartSchema)  # for cheap teachers (toy world)
     checkpoint: CheckpointSchema = field(default_factory=CheckpointSchema)
     eval: EvalSchema = field(default_factory=EvalSchema)
     logger: LoggerSchema = field(default_factory=LoggerSchema)
@@ -132,8 +141,12 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(f"logger.mode must be online, offline or disabled, got {cfg.logger.mode!r}")
     if cfg.model.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
-    if cfg.model.critic_init not in ("teacher", "generator", "random"):
-        raise ValueError(f"model.critic_init must be teacher, generator or random, got {cfg.model.critic_init!r}")
+    if cfg.model.critic_init not in ("teacher", "generator", "random") and not Path(cfg.model.critic_init).is_file():
+        raise ValueError(
+            f"model.critic_init must be teacher, generator, random or a weights file, got {cfg.model.critic_init!r}"
+        )
+    if cfg.model.generator_init is not None and not Path(cfg.model.generator_init).exists():
+        raise FileNotFoundError(f"model.generator_init={cfg.model.generator_init!r} does not exist")
     if cfg.dfake_gen_update_ratio < 1 or cfg.batch_size < 1 or cfg.max_steps < 0:
         raise ValueError("dfake_gen_update_ratio and batch_size must be >= 1, max_steps >= 0")
     if len(cfg.model.latent_shape) != 3:

@@ -26,3 +26,19 @@ class IdentityVAE(torch.nn.Module):
         # A student may overshoot the pixel range; the decoded video is a picture, so clamp.
         self._check(latents, "latents")
         return latents.clamp(-1.0, 1.0)
+
+    def stream_decoder(self, batch_size: int) -> "IdentityStreamDecoder":
+        """Chunk-by-chunk decoding with the Wan VAE's interface (nothing to carry between chunks)."""
+        return IdentityStreamDecoder(self)
+
+
+class IdentityStreamDecoder:
+    def __init__(self, vae: IdentityVAE):
+        self.vae, self.frames_decoded = vae, 0
+
+    def decode(self, chunk: torch.Tensor) -> torch.Tensor:
+        self.frames_decoded += chunk.shape[1]
+        return self.vae.decode(chunk)
+
+    def reset(self) -> None:
+        self.frames_decoded = 0

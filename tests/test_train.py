@@ -1,0 +1,162 @@
+"""train.py end to end at tiny size: presets compose, resume is exact, accumulation is exact, errors are clear."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+import train
+from tests.train_setup import CONFIGS, compose_config
+from utils.build import build_method
+from utils.config import validate
+
+
+def checkpoint_tensors(step_dir: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a DCP checkpoint (models, optimizers, EMA) as one flat dict."""
+    out = tmp / f"{step_dir.parent.parent.name}_{step_dir.name}.pt"
+    dcp_to_torch_save(step_dir, out)
+    flat = {}
+
+    def walk(prefix, tree):
+        if isinstance(tree, torch.Tensor):
+            flat[prefix] = tree
+        elif isinstance(tree, dict):
+            for k, v in tree.items():
+                walk(f"{prefix}.{k}", v)
+        elif isinstance(tree, (list, tuple)):
+            for i, v in enumerate(tree):
+                walk(f"{prefix}.{i}", v)
+
+    walk("", torch.load(out, weights_only=False))
+    return flat
+
+
+def run(tmp_path: Path, name: str, *overrides: str) -> tuple[Path, dict]:
+    run_dir = tmp_path / name
+    cfg = compose_config(*overrides)
+    validate(cfg)
+    return run_dir, train.train(cfg, run_dir)
+
+
+PRESETS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+ABLATIONS = sorted(p.stem for p in (CONFIGS / "ablation").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("overlay", [f"experiment={p}" for p in PRESETS] + [f"ablation={a}" for a in ABLATIONS])
+def test_every_preset_and_ablation_composes_and_builds_at_tiny_size(overlay):
+    cfg = compose_config(overlay, "model=toy", "data=toy")
+    # the preset's own sizes, shrunk back to the tiny toy ones after the preset applied
+    cfg.method.num_training_frames = 6
+    cfg.method.min_num_frames = cfg.method.max_num_frames = None
+    cfg.method.num_frame_per_block = min(cfg.method.num_frame_per_block, 2)
+    validate(cfg)
+    method = build_method(cfg, torch.device("cpu"))
+    assert method.steps[0] == 1000 and len(method.steps) == len(cfg.method.denoising_step_list)
+    assert sum(p.numel() for p in method.generator.parameters()) > 0
+
+
+def test_presets_exist():
+    assert {"self_forcing_dmd", "self_forcing_sid", "causvid"} <= set(PRESETS)
+    assert len(ABLATIONS) >= 6
+
+
+def test_resume_equals_uninterrupted_training(tmp_path):
+    common = ("max_steps=4", "checkpoint.every=2")
+    straight, _ = run(tmp_path, "straight", *common)
+    half, _ = run(tmp_path, "resumed", "max_steps=2")
+    assert (half / "checkpoints" / "step_000002").is_dir()
+    resumed, _ = run(tmp_path, "resumed", *common, "resume=latest")
+    a = checkpoint_tensors(straight / "checkpoints" / "step_000004", tmp_path)
+    b = checkpoint_tensors(resumed / "checkpoints" / "step_000004", tmp_path)
+    assert a.keys() == b.keys()
+    assert any(k.startswith(".ema") for k in a) and any("generator_optim" in k for k in a)
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+    # and training really changed the weights
+    first = checkpoint_tensors(straight / "checkpoints" / "step_000002", tmp_path)
+    assert any(not torch.equal(first[k], a[k]) for k in a if k.startswith(".generator."))
+
+
+def test_gradient_accumulation_equals_the_larger_batch():
+    """2 micro-batches of 1 give the gradients of one batch of 2: noise is keyed by sample, not by split."""
+    from hydra.utils import instantiate
+
+    from utils.build import Batches, build_optimizer
+    from utils.distributed import init_distributed
+
+    cfg = compose_config("generator_optim.lr=0", "critic_optim.lr=0")
+    dist = init_distributed()
+    grads = {}
+    for batch_size, accumulation in ((2, 1), (1, 2)):
+        torch.manual_seed(0)
+        method = build_method(cfg, torch.device("cpu"))
+        batches = Batches(instantiate(cfg.data.prompts), batch_size, 1, accumulation)
+        for phase, net in (("generator", method.generator), ("critic", method.fake_score)):
+            opt, sched = build_optimizer(net.parameters(), cfg.generator_optim, 1)
+            train.step_update(method, phase, net, opt, sched, batches, 3, cfg, dist, accumulation)
+            grads[(batch_size, phase)] = {n: p.grad.clone() for n, p in net.named_parameters()}
+    for phase in ("generator", "critic"):
+        a, b = grads[(2, phase)], grads[(1, phase)]
+        scale = max(g.abs().max().item() for g in a.values())
+        worst = max((a[n] - b[n]).abs().max().item() for n in a) / scale
+        assert scale > 0 and worst <= 1e-6, (phase, worst)
+
+
+@pytest.mark.parametrize("method", ["dmd", "sid", "causvid", "ode_regression"])
+def test_each_method_trains_a_few_steps_on_the_toy_world(tmp_path, method):
+    run_dir, _ = run(tmp_path, method, f"method={method}", "max_steps=2", "checkpoint.every=0")
+    rows = [__import__("json").loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()] if (run_dir / "log.jsonl").exists() else []
+    export = run_dir / "checkpoints" / "step_000002" / "export"
+    assert (export / "model.safetensors").is_file() and (export / "config.json").is_file()
+    from safetensors.torch import load_file
+
+    weights = load_file(export / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    del rows
+
+
+def test_embedded_default_evaluates_and_writes_samples(tmp_path):
+    run_dir, results = run(tmp_path, "eval", "max_steps=1", "eval.at_start=true", "checkpoint.every=0")
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2  # at the start and at the end
+    record = __import__("json").loads(lines[-1])
+    assert {"step", "match_rate", "coverage", "frame_error", "long_match_rate"} <= record.keys()
+    assert len(record["frame_error"]) == 6 and len(record["long_frame_error"]) == 8
+    assert 0.0 <= record["match_rate"] <= 1.0
+    assert (run_dir / "samples" / "step_000001.mp4").stat().st_size > 0
+    assert results["last"]["step"] == 1
+
+
+def test_killed_checkpoint_write_resumes_from_the_previous_one(tmp_path):
+    run_dir, _ = run(tmp_path, "killed", "max_steps=2")
+    partial = run_dir / "checkpoints" / "step_000003.tmp"
+    partial.mkdir()
+    (partial / "half_written.distcp").write_bytes(b"\0" * 10)
+    _, results = run(tmp_path, "killed", "max_steps=3", "resume=latest")
+    assert (run_dir / "checkpoints" / "step_000003").is_dir()
+    assert not partial.exists()
+
+
+def test_bad_input_stops_with_clear_errors(tmp_path, monkeypatch):
+    with pytest.raises(Exception, match="foo"):
+        compose_config("foo=1")
+    with pytest.raises(Exception, match="max_steps"):
+        compose_config("max_steps=many")
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint|does not exist|expected"):
+        run(tmp_path, "nowhere", f"resume={tmp_path / 'nowhere_at_all'}")
+    with pytest.raises(ValueError, match="sid_alpha is a knob of model.sid.SiD"):
+        validate(compose_config("method.sid_alpha=2.0"))
+    with pytest.raises(ValueError, match="total_batch_size=3 is not a multiple"):
+        run(tmp_path, "odd", "total_batch_size=3")
+
+    from model.dmd import DMD
+
+    def nan_loss(self, batch):
+        return torch.tensor(math.nan, requires_grad=True), {"generator_loss": math.nan}
+
+    monkeypatch.setattr(DMD, "generator_loss", nan_loss)
+    with pytest.raises(FloatingPointError, match="generator_loss is nan at step 0"):
+        run(tmp_path, "nan", "max_steps=2")
+    assert not (tmp_path / "nan" / "checkpoints").exists() or not any((tmp_path / "nan" / "checkpoints").iterdir())
