@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from utils import config as config_schema  # registers the typed schema
-from utils.build import Batches, build_method, build_optimizer, pick_device
+from utils.build import Batches, backbone_config, build_method, build_optimizer, pick_device
 from utils.checkpoint import CheckpointManager, resolve_resume
 from utils.distributed import all_reduce_mean, init_distributed, log0
 from utils.ema import EMA
@@ -69,7 +69,7 @@ def export_of(method, ema: EMA | None, cfg: DictConfig) -> dict:
     else:
         weights = {k: v.detach() for k, v in method.generator.state_dict().items()}
     config = {
-        "backbone": OmegaConf.to_container(cfg.model.backbone, resolve=True),
+        "backbone": backbone_config(cfg),
         "method": OmegaConf.to_container(cfg.method, resolve=True),
         "model": OmegaConf.to_container(cfg.model, resolve=False),
         "data": OmegaConf.to_container(cfg.data, resolve=False),

@@ -34,12 +34,25 @@ def _frozen(module: torch.nn.Module) -> torch.nn.Module:
     return module.eval().requires_grad_(False)
 
 
-def build_backbone(cfg: DictConfig, init: str | None) -> WanDiT:
+def backbone_config(cfg: DictConfig) -> dict:
+    """The student/critic architecture: model.backbone, or the Wan folder's transformer/config.json."""
     backbone = OmegaConf.to_container(cfg.model.backbone, resolve=True)
-    if init is None:
-        return WanDiT(**backbone)
-    model = WanDiT(**backbone)
-    load_strict(model, read_state_dict(init), source=init)
+    if backbone:
+        return backbone
+    if cfg.model.path is None:
+        raise ValueError("set model.backbone (a WanTransformer3DModel config) or model.path (a diffusers Wan folder)")
+    from model.wan.folder import check_wan_folder
+    from model.wan.weights import read_config
+
+    check_wan_folder(cfg.model.path, parts=("transformer",))
+    config = read_config(cfg.model.path)
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def build_backbone(cfg: DictConfig, init: str | None) -> WanDiT:
+    model = WanDiT(**backbone_config(cfg))
+    if init is not None:
+        load_strict(model, read_state_dict(init), source=init)
     return model
 
 
@@ -66,7 +79,7 @@ def build_method(cfg: DictConfig, device: torch.device) -> SelfForcingModel:
             )
         fake_score = copy.deepcopy(real_score).requires_grad_(True)
     elif m.critic_init == "random":
-        fake_score = WanDiT(**OmegaConf.to_container(m.backbone, resolve=True))
+        fake_score = build_backbone(cfg, None)
     else:  # a weights file (e.g. a pretrained bidirectional denoiser)
         fake_score = build_backbone(cfg, m.critic_init)
     dtype = DTYPES[m.dtype]

@@ -31,7 +31,8 @@ class MethodSchema(MethodConfig):
 
 @dataclass
 class ModelSchema:
-    backbone: dict = field(default_factory=dict)  # diffusers WanTransformer3DModel config
+    path: Optional[str] = None  # a diffusers-format Wan folder (transformer/, vae/, text_encoder/, tokenizer/)
+    backbone: dict = field(default_factory=dict)  # WanTransformer3DModel config; empty: path's transformer/config.json
     text_encoder: Any = None  # _target_ node
     vae: Any = None  # _target_ node
     teacher: Any = None  # _target_ node of the real score, or null to load a Wan teacher
