@@ -1,0 +1,35 @@
+"""Stream videos from a trained student: one mp4 per (prompt, seed) and an index.json. Hydra entry point.
+
+    python inference.py checkpoint=outputs/2025-01-01/12-00-00          # a run's latest step, toy prompts
+    python inference.py checkpoint=<run dir> prompts=prompts.txt seed=[0,1] num_frames=36
+    python inference.py checkpoint=self_forcing_dmd.pt model=wan2.1_t2v_1.3b prompts=prompts.txt
+    torchrun --nproc_per_node=8 inference.py checkpoint=<run dir> prompts=prompts.txt   # items split over GPUs
+"""
+
+from __future__ import annotations
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from utils.distributed import log0
+from utils.inference import group_overrides, run
+
+
+@hydra.main(config_path="configs", config_name="inference", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    hydra_cfg = HydraConfig.get()
+    index = run(cfg, cfg.output_dir or hydra_cfg.runtime.output_dir, group_overrides(hydra_cfg.overrides.task))
+    if not index:  # ranks other than 0
+        return
+    log0("%d videos in %s (index.json)", len(index["items"]), index["output_dir"])
+    log0("throughput %.2f frames/s, first-chunk latency %.3f s (%s)", index["throughput_fps"],
+         index["first_chunk_latency_s"], index["timing"]["device"])
+    if "toy_metrics" in index:
+        toy = index["toy_metrics"]
+        log0("toy world: match rate %.3f, coverage %.3f, mean distance %.4f", toy["match_rate"], toy["coverage"],
+             toy["mean_distance"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,445 @@
+"""Inference: load a trained student, stream videos for (prompt, seed) items, write mp4 + index.json.
+
+The generator runs through `pipeline.rollout.rollout`, the code training runs, and each finished
+chunk goes straight to the VAE's stream decoder, so the first frames exist after the first chunk.
+Item i (prompts in order, each with every seed in order) draws its noise from the stream
+`SampleRNG.for_samples(seed, 0, "eval", [i])`, the key of training's evaluation (utils/evaluation.py
+`sample`): the same checkpoint, prompts and seed give the evaluation's clips exactly, whatever the
+batch size or number of ranks. Everything that can be wrong with the input is checked before the
+first file is written, and every file is written under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from hydra.core.config_store import ConfigStore
+from hydra.utils import instantiate
+from omegaconf import MISSING, DictConfig, OmegaConf
+from tqdm import tqdm
+
+from model.base import MethodConfig
+from model.schedule import FlowSchedule
+from model.wan.transformer import WanDiT
+from model.wan.weights import SELF_FORCING_KEYS, WeightMismatchError, load_strict, read_state_dict
+from pipeline.rollout import rollout
+from utils.build import DTYPES, pick_device
+from utils.checkpoint import CheckpointManager, find_checkpoint
+from utils.config import DataSchema, MethodSchema, ModelSchema
+from utils.distributed import all_gather_object, barrier, broadcast_object, init_distributed, is_main, log0
+from utils.evaluation import long_pattern
+from utils.sample_rng import SampleRNG, mix_seed
+
+log = logging.getLogger(__name__)
+
+# The (step, phase) part of training's evaluation noise key (utils/evaluation.py `sample`).
+EVAL_STEP, EVAL_PHASE = 0, "eval"
+GROUPS = ("model", "method", "data")  # config groups shared with training
+_WHAT = (
+    "a training run directory, a step directory (<run>/checkpoints/step_XXXXXX), an exported "
+    "model.safetensors with its config.json beside it, or a Self-Forcing .pt holding generator / generator_ema"
+)
+
+
+@dataclass
+class InferenceSchema:
+    """Every inference knob and its default; configs/inference.yaml comments each one."""
+
+    checkpoint: str = MISSING
+    use_ema: Optional[bool] = None
+    prompts: Any = None
+    seed: Any = 0
+    num_frames: Optional[int] = None
+    batch_size: int = 4
+    output_dir: Optional[str] = None
+    noise: Optional[str] = None
+    save_latents: bool = False
+    fps: int = 16
+    device: str = "auto"
+    method: MethodSchema = field(default_factory=MethodSchema)
+    model: ModelSchema = field(default_factory=ModelSchema)
+    data: DataSchema = field(default_factory=DataSchema)
+
+
+ConfigStore.instance().store(name="inference_schema", node=InferenceSchema)
+
+
+# ---------------------------------------------------------------------------- the checkpoint
+@dataclass
+class Source:
+    """Where the weights are and which config describes them (None: the config groups)."""
+
+    path: Path  # the file the weights come from
+    config: dict | None  # export/config.json, or None for a Self-Forcing .pt
+    weights: str  # "ema" | "generator": what is loaded
+    key: str | None = None  # the .pt entry (generator_ema / generator)
+    step_dir: Path | None = None  # resume state holding the raw generator (use_ema=false on an EMA export)
+
+
+def resolve_checkpoint(checkpoint: str, use_ema: bool | None) -> Source:
+    """Find the weights `checkpoint` names and decide EMA vs generator, without loading tensors."""
+    path = Path(str(checkpoint)).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint={checkpoint} does not exist; expected {_WHAT}")
+    if path.is_file() and path.suffix in (".pt", ".pth"):
+        return _self_forcing_source(path, use_ema)
+    if path.is_dir():
+        export = find_checkpoint(path) / "export" / "model.safetensors"
+    elif path.suffix == ".safetensors":
+        export = path
+    else:
+        raise ValueError(f"checkpoint={checkpoint} is neither a directory, a .safetensors nor a .pt file; expected {_WHAT}")
+    config_path = export.parent / "config.json"
+    if not export.is_file() or not config_path.is_file():
+        raise FileNotFoundError(f"{export.parent} lacks model.safetensors or config.json; expected a training export")
+    config = json.loads(config_path.read_text())
+    lacking = [k for k in ("backbone", "method", "model", "data", "weights") if k not in config]
+    if lacking:
+        raise ValueError(
+            f"{config_path} lacks {lacking}: not a training export (utils/checkpoint.py). For bare weights, "
+            "convert them to a Self-Forcing .pt and choose the model with model=... method=... data=..."
+        )
+    step_dir = export.parent.parent if (export.parent.parent / "meta.json").is_file() else None
+    exported = config["weights"]
+    if use_ema is True and exported != "ema":
+        raise ValueError(
+            f"use_ema=true, but {export} holds the raw generator: it was exported before EMA started "
+            f"(ema_start_step). Pass use_ema=false (or leave it null) to use the generator, or a later checkpoint"
+        )
+    if use_ema is False and exported == "ema":
+        if step_dir is None:
+            raise ValueError(
+                f"use_ema=false, but {export} holds only the EMA weights; the raw generator is in the step "
+                "directory's resume state: pass checkpoint=<run>/checkpoints/step_XXXXXX use_ema=false"
+            )
+        return Source(step_dir, config, "generator", step_dir=step_dir)
+    return Source(export, config, exported)
+
+
+def _self_forcing_source(path: Path, use_ema: bool | None) -> Source:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    present = [k for k in SELF_FORCING_KEYS if isinstance(checkpoint, dict) and k in checkpoint]
+    if not present or present == ["critic"]:
+        raise ValueError(f"{path} holds neither 'generator_ema' nor 'generator'; expected a Self-Forcing checkpoint")
+    wanted = {True: ["generator_ema"], False: ["generator"], None: ["generator_ema", "generator"]}[use_ema]
+    key = next((k for k in wanted if k in present), None)
+    if key is None:
+        raise KeyError(f"use_ema={str(use_ema).lower()} asks for {wanted[0]!r}, but {path} holds {present}; "
+                       f"pass use_ema={'false' if use_ema else 'true'}")
+    return Source(path, None, "ema" if key == "generator_ema" else "generator", key=key)
+
+
+def group_overrides(task_overrides: list[str]) -> list[str]:
+    """The command line's overrides of the model / method / data groups: their keys (`model.dtype`) or
+    group choices (`model`); for an export they apply on top of its config.json."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(task_overrides))
+    out = []
+    for o in parsed:
+        if o.key_or_group.split(".")[0] in GROUPS:
+            out.append(("~" if o.is_delete() else "") + o.key_or_group)
+    return out
+
+
+def run_config(cfg: DictConfig, source: Source, overrides: list[str]) -> DictConfig:
+    """{model, method, data} describing the student: export/config.json with the command line's key
+    overrides on top, or, for a Self-Forcing .pt, the config groups of inference.yaml."""
+    if source.config is None:
+        node = OmegaConf.create({g: OmegaConf.to_container(cfg[g], resolve=False) for g in GROUPS})
+    else:
+        node = OmegaConf.create({g: source.config[g] for g in GROUPS})
+        for key in overrides:
+            if "." not in key or key.startswith("~"):
+                raise ValueError(
+                    f"the override {key!r} picks or removes a config group, but {source.path} is a training "
+                    "export whose config.json fixes the model; override single keys (e.g. model.dtype=bfloat16)"
+                )
+            OmegaConf.update(node, key, OmegaConf.select(cfg, key), merge=False, force_add=True)
+    OmegaConf.resolve(node)
+    return node
+
+
+# ---------------------------------------------------------------------------- the student
+@dataclass
+class Student:
+    """The generator and how it rolls out; it has the attributes of SelfForcingModel that
+    utils/evaluation.py reads (pattern, cfg, steps, schedule, latent_shape), so `long_pattern` applies."""
+
+    generator: WanDiT
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    cfg: MethodConfig
+    latent_shape: tuple
+    world: Any = None  # the toy world, for ground-truth metrics
+    match_threshold: float | None = None
+
+    def __post_init__(self):
+        self.schedule = FlowSchedule(self.cfg.timestep_shift)
+        self.steps = self.schedule.denoising_steps(self.cfg.denoising_step_list, self.cfg.warp_denoising_step)
+        self.pattern = self.cfg.pattern
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.generator.parameters()).device
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        param = next(self.generator.parameters())  # as SelfForcingModel.encode: the generator's device and dtype
+        return self.text_encoder(prompts)["prompt_embeds"].to(device=param.device, dtype=param.dtype)
+
+
+def method_of(node: DictConfig) -> MethodConfig:
+    """The rollout knobs; knobs of particular losses (sid_alpha, ...) do not matter here."""
+    known = {f.name for f in fields(MethodConfig)}
+    return MethodConfig(**{k: v for k, v in OmegaConf.to_container(node.method).items() if k in known})
+
+
+def build_student(node: DictConfig, method: MethodConfig, source: Source, device: torch.device, world=None) -> Student:
+    m = node.model
+    generator = WanDiT(**OmegaConf.to_container(m.backbone))
+    if source.step_dir is not None:  # the raw generator from the DCP resume state
+        CheckpointManager(source.step_dir.parent.parent, keep=0).load(source.step_dir, {"generator": generator})
+    else:
+        load_strict(generator, read_state_dict(source.path, source.key), source=str(source.path))
+    generator.to(device=device, dtype=DTYPES[m.dtype]).eval().requires_grad_(False)
+    generator.set_attention_backend(m.attention_backend)
+    text_encoder = instantiate(m.text_encoder).eval().requires_grad_(False).to(device)
+    vae = instantiate(m.vae).eval().requires_grad_(False).to(device)
+    metrics = node.data.get("metrics")
+    threshold = metrics.match_threshold if world is not None and metrics is not None else None
+    return Student(generator, text_encoder, vae, method, tuple(m.latent_shape), world, threshold)
+
+
+# ---------------------------------------------------------------------------- the items
+@dataclass(frozen=True)
+class Item:
+    index: int  # position in the run: prompts in order, each with every seed in order
+    prompt: str
+    seed: int
+    stem: str  # file name without extension
+
+    @property
+    def noise_key(self) -> int:
+        # = SampleRNG.for_samples(seed, 0, "eval", [index]).generators[0]'s seed: training's evaluation key
+        return mix_seed(self.seed, EVAL_STEP, EVAL_PHASE, self.index)
+
+
+def read_prompts(prompts: Any, world=None, samples_per_prompt: int = 1) -> list[str]:
+    """A .txt file (one prompt per line), a list, or one prompt; null on the toy world: the evaluation's list."""
+    if OmegaConf.is_config(prompts):
+        prompts = OmegaConf.to_container(prompts)
+    if prompts is None:
+        if world is None:
+            raise ValueError("prompts is required: a .txt file with one prompt per line, or prompts=[p1, p2]")
+        return [p for p in world.prompts for _ in range(samples_per_prompt)]
+    if isinstance(prompts, str):
+        if prompts.endswith(".txt") or Path(prompts).is_file():
+            path = Path(prompts).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"prompts={prompts}: no such prompt file (expected a .txt, one prompt per line)")
+            found = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            if not found:
+                raise ValueError(f"prompt file {path} holds no prompts; expected one prompt per line")
+            return found
+        prompts = [prompts]
+    found = [str(p).strip() for p in prompts if str(p).strip()]
+    if not found:
+        raise ValueError("prompts is an empty list; expected a .txt file with one prompt per line or prompts=[p1, p2]")
+    return found
+
+
+def read_seeds(seed: Any) -> list[int]:
+    seeds = OmegaConf.to_container(seed) if OmegaConf.is_config(seed) else seed
+    seeds = seeds if isinstance(seeds, (list, tuple)) else [seeds]
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ValueError(f"seed must be an int or a non-empty list of ints, got {seed!r}")
+    return list(seeds)
+
+
+def slug(prompt: str, length: int = 48) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower())[:length].strip("-") or "prompt"
+
+
+def make_items(prompts: list[str], seeds: list[int]) -> list[Item]:
+    pairs = [(p, s) for p in prompts for s in seeds]
+    width = max(4, len(str(len(pairs) - 1)))  # zero-padded, so names sort in index order
+    return [Item(i, p, s, f"{i:0{width}d}_{slug(p)}_seed{s}") for i, (p, s) in enumerate(pairs)]
+
+
+def check_num_frames(num_frames: int, student_cfg: MethodConfig, backbone: dict) -> None:
+    try:
+        student_cfg.pattern.check_clip(num_frames)
+    except ValueError as e:
+        raise ValueError(f"num_frames={num_frames} is impossible for this checkpoint: {e}") from None
+    if num_frames > backbone["rope_max_seq_len"]:
+        raise ValueError(f"num_frames={num_frames} exceeds the backbone's rope_max_seq_len={backbone['rope_max_seq_len']}")
+
+
+def read_noise(path: str, shape: tuple) -> torch.Tensor:
+    """Initial noise [N, F, C, H, W] from a torch file (a tensor or {"noise": tensor}) or safetensors."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"noise={path} does not exist; expected a torch or safetensors file of [N, F, C, H, W]")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        data = load_file(str(p))
+    else:
+        data = torch.load(p, map_location="cpu", weights_only=True)
+    if isinstance(data, dict):
+        data = data.get("noise", next(iter(data.values())) if len(data) == 1 else None)
+    if not isinstance(data, torch.Tensor) or tuple(data.shape) != tuple(shape):
+        got = tuple(data.shape) if isinstance(data, torch.Tensor) else type(data).__name__
+        raise ValueError(f"noise={path} holds {got}; expected a tensor (or {{'noise': tensor}}) of shape {tuple(shape)} = "
+                         "[items (prompts x seeds), num_frames, C, H, W]")
+    return data.float()
+
+
+# ---------------------------------------------------------------------------- generation
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def generate(student: Student, items: list[Item], num_frames: int, noise: torch.Tensor | None = None):
+    """One batch: (latents [B, F, C, H, W], pixels [B, F', C', H', W'] float32 CPU, timing).
+
+    The rollout's on_chunk hands each chunk to the stream decoder; `first_chunk_s` is the time from
+    the start of the batch to its first decoded chunk, measured after a device sync."""
+    device = student.device
+    _sync(device)
+    start = time.perf_counter()
+    rng = SampleRNG([it.noise_key for it in items], device)
+    x = rng.randn((len(items), num_frames, *student.latent_shape))  # drawn even when replaced: the streams stay aligned
+    if noise is not None:
+        x = noise.to(device=device, dtype=x.dtype)
+    pattern = student.pattern if num_frames <= student.cfg.num_training_frames else long_pattern(student)
+    decoder = student.vae.stream_decoder(len(items))
+    pixels, first = [], []
+
+    def on_chunk(_start: int, x0: torch.Tensor) -> None:
+        pixels.append(decoder.decode(x0))
+        if not first:
+            _sync(device)
+            first.append(time.perf_counter() - start)
+
+    out = rollout(student.generator, x, student.encode([it.prompt for it in items]), student.steps, pattern,
+                  schedule=student.schedule, context_noise=student.cfg.context_noise, rng=rng, on_chunk=on_chunk)
+    video = torch.cat(pixels, dim=1).float().cpu()  # .cpu() waits for the device
+    _sync(device)
+    return out.video.float().cpu(), video, {"first_chunk_s": first[0], "seconds": time.perf_counter() - start}
+
+
+def _replace_into(final: Path, write) -> None:
+    """write(tmp) then rename: a killed run leaves no partial file under a final name."""
+    tmp = final.with_name(f".{final.stem}.partial{final.suffix}")
+    write(tmp)
+    os.replace(tmp, final)
+
+
+def write_item(out_dir: Path, item: Item, pixels: torch.Tensor, latents: torch.Tensor | None, fps: int) -> dict:
+    from safetensors.torch import save_file
+
+    from utils.video import to_uint8, write_video
+
+    video = out_dir / f"{item.stem}.mp4"
+    _replace_into(video, lambda tmp: write_video(tmp, to_uint8(pixels), fps=fps))
+    record = {"index": item.index, "file": video.name, "prompt": item.prompt, "seed": item.seed, "frames": pixels.shape[0]}
+    if latents is not None:
+        path = out_dir / f"{item.stem}.latents.safetensors"
+        _replace_into(path, lambda tmp: save_file({"latents": latents.contiguous()}, str(tmp)))
+        record["latents"] = path.name
+    return record
+
+
+# ---------------------------------------------------------------------------- the whole run
+def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] = ()) -> dict:
+    """Generate every (prompt, seed) item of `cfg`; returns index.json's content (on rank 0)."""
+    dist = init_distributed("cpu" if cfg.device == "cpu" else None)  # gloo for CPU runs on a GPU machine
+    device = pick_device(cfg, dist.local_rank)
+    if OmegaConf.is_missing(cfg, "checkpoint"):
+        raise ValueError(f"checkpoint is required: {_WHAT}")
+    if cfg.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    # 1. everything that can be wrong, before any file is written
+    source = resolve_checkpoint(cfg.checkpoint, cfg.use_ema)
+    node = run_config(cfg, source, list(overrides))
+    method = method_of(node)
+    world = instantiate(node.data.world) if node.data.get("world") is not None else None
+    per_prompt = node.data.metrics.samples_per_prompt if world is not None and node.data.get("metrics") else 1
+    items = make_items(read_prompts(cfg.prompts, world, per_prompt), read_seeds(cfg.seed))
+    num_frames = cfg.num_frames if cfg.num_frames is not None else method.num_training_frames
+    check_num_frames(num_frames, method, OmegaConf.to_container(node.model.backbone))
+    latent_shape = tuple(node.model.latent_shape)
+    noise = read_noise(cfg.noise, (len(items), num_frames, *latent_shape)) if cfg.noise else None
+    student = build_student(node, method, source, device, world)
+    if hasattr(student.text_encoder, "tokenize"):  # unknown words fail now, not after some videos are written
+        for prompt in {it.prompt for it in items}:
+            student.text_encoder.tokenize(prompt)
+    scored = world is not None and student.match_threshold is not None and set(it.prompt for it in items) <= set(world.prompts)
+    out_dir = Path(broadcast_object(str(output_dir)))  # one directory even if ranks composed different ${now:}
+    log0("checkpoint %s (%s weights), %d videos of %d latent frames -> %s", source.path, source.weights,
+         len(items), num_frames, out_dir)
+
+    # 2. this rank's items, in batches
+    mine = items[dist.rank :: dist.world_size]
+    if is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
+    records, clips, timings = [], [], []
+    bar = tqdm(total=len(items), unit="video", disable=not is_main(), dynamic_ncols=True)
+    for b in range(0, len(mine), cfg.batch_size):
+        batch = mine[b : b + cfg.batch_size]
+        batch_noise = noise[[it.index for it in batch]] if noise is not None else None
+        latents, pixels, timing = generate(student, batch, num_frames, batch_noise)
+        timings.append(timing | {"frames": pixels.shape[0] * pixels.shape[1]})
+        for k, item in enumerate(batch):
+            rec = write_item(out_dir, item, pixels[k], latents[k] if cfg.save_latents else None, cfg.fps)
+            records.append(rec | {"checkpoint": str(source.path), "latent_frames": num_frames})
+            if scored:
+                clips.append((item.index, pixels[k]))
+        bar.update(len(batch) * dist.world_size)  # rank 0's bar stands for all ranks
+        bar.set_postfix(first_chunk=f"{timing['first_chunk_s']:.3f}s", refresh=False)
+    bar.close()
+
+    # 3. rank 0 merges the ranks' records into index.json
+    gathered = all_gather_object((records, timings, clips))
+    if not is_main():
+        return {}
+    records = sorted((r for rs, _, _ in gathered for r in rs), key=lambda r: r["index"])
+    index = {"checkpoint": str(source.path), "weights": source.weights, "num_frames": num_frames,
+             "fps": cfg.fps, "world_size": dist.world_size, "items": records}
+    if scored:
+        from utils.toy_metrics import evaluate
+
+        clips = [c for _, c in sorted((c for _, _, cs in gathered for c in cs), key=lambda c: c[0])]
+        index["toy_metrics"] = evaluate(torch.stack(clips), [r["prompt"] for r in records], world, student.match_threshold)
+    index.update(summarise([t for _, ts, _ in gathered for t in ts], [ts for _, ts, _ in gathered], device))
+    _replace_into(out_dir / "index.json", lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
+    index["output_dir"] = str(out_dir)
+    return index
+
+
+def summarise(batches: list[dict], per_rank: list[list[dict]], device: torch.device) -> dict:
+    """Throughput over all ranks (decoded frames / the slowest rank's generation time) and first-chunk latency."""
+    frames = sum(t["frames"] for t in batches)
+    slowest = max((sum(t["seconds"] for t in ts) for ts in per_rank), default=0.0)
+    latencies = [t["first_chunk_s"] for t in batches]
+    return {
+        "throughput_fps": frames / slowest if slowest > 0 else math.nan,
+        "first_chunk_latency_s": sum(latencies) / len(latencies) if latencies else math.nan,
+        "timing": {"batches": len(batches), "frames": frames, "generation_s": slowest,
+                   "first_chunk_latency_s_per_batch": latencies, "device": str(device),
+                   "synchronised": device.type == "cuda"},
+    }
