@@ -101,7 +101,9 @@ def test_clips_equal_evaluation_sample(run_dir, method_and_ema, tmp_path, num_fr
 def test_noise_file_and_seed_list(run_dir, tmp_path):
     """Item i = (prompt i // seeds, seed i % seeds); a noise file equal to the keyed draws changes nothing."""
     prompts = ["a red circle moving left", "a blue square moving up"]
-    first = infer(tmp_path / "a", f"checkpoint={run_dir}", f"prompts={prompts}", "seed=[3,4]", "save_latents=true")
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n\n")  # blank lines are skipped
+    first = infer(tmp_path / "a", f"checkpoint={run_dir}", f"prompts={tmp_path / 'prompts.txt'}", "seed=[3,4]",
+                  "save_latents=true")
     assert [(i["prompt"], i["seed"]) for i in first["items"]] == [(p, s) for p in prompts for s in (3, 4)]
     noise = inference.SampleRNG([it.noise_key for it in inference.make_items(prompts, [3, 4])]).randn((4, 6, 3, 8, 8))
     torch.save(noise, tmp_path / "noise.pt")
@@ -135,6 +137,7 @@ def test_self_forcing_pt_equals_export(run_dir, tmp_path):
     from_export = infer(tmp_path / "a", f"checkpoint={tmp_path / 'export' / 'model.safetensors'}", prompts, "save_latents=true")
     from_pt = infer(tmp_path / "b", f"checkpoint={tmp_path / 'sf.pt'}", prompts, "save_latents=true", *TINY_GROUPS)
     assert from_pt["weights"] == "ema" and from_pt["checkpoint"].endswith("sf.pt")
+    assert inference.resolve_checkpoint(str(tmp_path / "sf.pt"), False).key == "generator"
     a, b = latents(tmp_path / "a", from_export), latents(tmp_path / "b", from_pt)
     assert a.abs().max() > 0.1 and torch.equal(a, b)
 

@@ -364,15 +364,24 @@ def write_item(out_dir: Path, item: Item, pixels: torch.Tensor, latents: torch.T
 
 
 # ---------------------------------------------------------------------------- the whole run
-def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] = ()) -> dict:
-    """Generate every (prompt, seed) item of `cfg`; returns index.json's content (on rank 0)."""
-    dist = init_distributed("cpu" if cfg.device == "cpu" else None)  # gloo for CPU runs on a GPU machine
-    device = pick_device(cfg, dist.local_rank)
+@dataclass
+class Plan:
+    """A checked run: everything that could be wrong with the input has been found by now."""
+
+    source: Source
+    student: Student
+    items: list[Item]
+    num_frames: int
+    noise: torch.Tensor | None  # [N, F, C, H, W] for all items, or None: the keyed draws
+    scored: bool  # toy world and only its prompts: compute the ground-truth metrics
+
+
+def prepare(cfg: DictConfig, overrides: list[str], device: torch.device) -> Plan:
+    """Resolve, read and check every input and build the student; writes nothing."""
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise ValueError(f"checkpoint is required: {_WHAT}")
     if cfg.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
-    # 1. everything that can be wrong, before any file is written
     source = resolve_checkpoint(cfg.checkpoint, cfg.use_ema)
     node = run_config(cfg, source, list(overrides))
     method = method_of(node)
@@ -381,54 +390,69 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] = ()) -> d
     items = make_items(read_prompts(cfg.prompts, world, per_prompt), read_seeds(cfg.seed))
     num_frames = cfg.num_frames if cfg.num_frames is not None else method.num_training_frames
     check_num_frames(num_frames, method, OmegaConf.to_container(node.model.backbone))
-    latent_shape = tuple(node.model.latent_shape)
-    noise = read_noise(cfg.noise, (len(items), num_frames, *latent_shape)) if cfg.noise else None
+    shape = (len(items), num_frames, *node.model.latent_shape)
+    noise = read_noise(cfg.noise, shape) if cfg.noise else None
     student = build_student(node, method, source, device, world)
     if hasattr(student.text_encoder, "tokenize"):  # unknown words fail now, not after some videos are written
         for prompt in {it.prompt for it in items}:
             student.text_encoder.tokenize(prompt)
-    scored = world is not None and student.match_threshold is not None and set(it.prompt for it in items) <= set(world.prompts)
-    out_dir = Path(broadcast_object(str(output_dir)))  # one directory even if ranks composed different ${now:}
-    log0("checkpoint %s (%s weights), %d videos of %d latent frames -> %s", source.path, source.weights,
-         len(items), num_frames, out_dir)
+    scored = student.match_threshold is not None
+    if scored and not {it.prompt for it in items} <= set(world.prompts):
+        log0("toy metrics skipped: some prompts are not toy-world prompts", level=logging.WARNING)
+        scored = False
+    return Plan(source, student, items, num_frames, noise, scored)
 
-    # 2. this rank's items, in batches
-    mine = items[dist.rank :: dist.world_size]
+
+def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] = ()) -> dict:
+    """Generate every (prompt, seed) item of `cfg`; returns index.json's content on rank 0, {} elsewhere.
+
+    `overrides`: the command line's model / method / data overrides (`group_overrides`)."""
+    dist = init_distributed("cpu" if cfg.device == "cpu" else None)  # gloo for CPU runs on a GPU machine
+    device = pick_device(cfg, dist.local_rank)
+    plan = prepare(cfg, overrides, device)
+    out_dir = Path(broadcast_object(str(output_dir)))  # one directory even if ranks composed different ${now:}
+    log0("checkpoint %s (%s weights), %d videos of %d latent frames -> %s", plan.source.path, plan.source.weights,
+         len(plan.items), plan.num_frames, out_dir)
     if is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
     barrier()
+    mine = plan.items[dist.rank :: dist.world_size]  # rank r: items r, r + W, r + 2W, ...
     records, clips, timings = [], [], []
-    bar = tqdm(total=len(items), unit="video", disable=not is_main(), dynamic_ncols=True)
+    bar = tqdm(total=len(plan.items), unit="video", disable=not is_main(), dynamic_ncols=True)
     for b in range(0, len(mine), cfg.batch_size):
         batch = mine[b : b + cfg.batch_size]
-        batch_noise = noise[[it.index for it in batch]] if noise is not None else None
-        latents, pixels, timing = generate(student, batch, num_frames, batch_noise)
+        noise = plan.noise[[it.index for it in batch]] if plan.noise is not None else None
+        latents, pixels, timing = generate(plan.student, batch, plan.num_frames, noise)
         timings.append(timing | {"frames": pixels.shape[0] * pixels.shape[1]})
         for k, item in enumerate(batch):
             rec = write_item(out_dir, item, pixels[k], latents[k] if cfg.save_latents else None, cfg.fps)
-            records.append(rec | {"checkpoint": str(source.path), "latent_frames": num_frames})
-            if scored:
+            records.append(rec | {"checkpoint": str(plan.source.path), "latent_frames": plan.num_frames})
+            if plan.scored:
                 clips.append((item.index, pixels[k]))
-        bar.update(len(batch) * dist.world_size)  # rank 0's bar stands for all ranks
+        bar.update(min(len(batch) * dist.world_size, bar.total - bar.n))  # rank 0's bar stands for all ranks
         bar.set_postfix(first_chunk=f"{timing['first_chunk_s']:.3f}s", refresh=False)
     bar.close()
+    index = merge_index(plan, all_gather_object((records, timings, clips)), cfg.fps, dist.world_size, device)
+    if index:
+        _replace_into(out_dir / "index.json", lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
+        index["output_dir"] = str(out_dir)
+    return index
 
-    # 3. rank 0 merges the ranks' records into index.json
-    gathered = all_gather_object((records, timings, clips))
+
+def merge_index(plan: Plan, gathered: list, fps: int, world_size: int, device: torch.device) -> dict:
+    """Rank 0: every rank's (records, timings, clips) -> index.json's content, items in index order."""
     if not is_main():
         return {}
     records = sorted((r for rs, _, _ in gathered for r in rs), key=lambda r: r["index"])
-    index = {"checkpoint": str(source.path), "weights": source.weights, "num_frames": num_frames,
-             "fps": cfg.fps, "world_size": dist.world_size, "items": records}
-    if scored:
+    index = {"checkpoint": str(plan.source.path), "weights": plan.source.weights, "num_frames": plan.num_frames,
+             "fps": fps, "world_size": world_size, "items": records}
+    if plan.scored:
         from utils.toy_metrics import evaluate
 
-        clips = [c for _, c in sorted((c for _, _, cs in gathered for c in cs), key=lambda c: c[0])]
-        index["toy_metrics"] = evaluate(torch.stack(clips), [r["prompt"] for r in records], world, student.match_threshold)
-    index.update(summarise([t for _, ts, _ in gathered for t in ts], [ts for _, ts, _ in gathered], device))
-    _replace_into(out_dir / "index.json", lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
-    index["output_dir"] = str(out_dir)
-    return index
+        clips = torch.stack([c for _, c in sorted((c for _, _, cs in gathered for c in cs), key=lambda c: c[0])])
+        s = plan.student
+        index["toy_metrics"] = evaluate(clips, [r["prompt"] for r in records], s.world, s.match_threshold)
+    return index | summarise([t for _, ts, _ in gathered for t in ts], [ts for _, ts, _ in gathered], device)
 
 
 def summarise(batches: list[dict], per_rank: list[list[dict]], device: torch.device) -> dict:
