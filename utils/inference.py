@@ -32,7 +32,7 @@ from model.schedule import FlowSchedule
 from model.wan.transformer import WanDiT
 from model.wan.weights import SELF_FORCING_KEYS, WeightMismatchError, load_strict, read_state_dict
 from pipeline.rollout import rollout
-from utils.build import DTYPES, pick_device
+from utils.build import DTYPES, backbone_config, pick_device
 from utils.checkpoint import CheckpointManager, find_checkpoint
 from utils.config import DataSchema, MethodSchema, ModelSchema
 from utils.distributed import all_gather_object, barrier, broadcast_object, init_distributed, is_main, log0
@@ -158,6 +158,8 @@ def run_config(cfg: DictConfig, source: Source, overrides: list[str]) -> DictCon
         node = OmegaConf.create({g: OmegaConf.to_container(cfg[g], resolve=False) for g in GROUPS})
     else:
         node = OmegaConf.create({g: source.config[g] for g in GROUPS})
+        if not node.model.backbone:  # trained from model.path: the export holds the folder's config, resolved
+            node.model.backbone = source.config["backbone"]
         for key in overrides:
             if "." not in key or key.startswith("~"):
                 raise ValueError(
@@ -206,7 +208,7 @@ def method_of(node: DictConfig) -> MethodConfig:
 
 def build_student(node: DictConfig, method: MethodConfig, source: Source, device: torch.device, world=None) -> Student:
     m = node.model
-    generator = WanDiT(**OmegaConf.to_container(m.backbone))
+    generator = WanDiT(**backbone_config(node))
     if source.step_dir is not None:  # the raw generator from the DCP resume state
         CheckpointManager(source.step_dir.parent.parent, keep=0).load(source.step_dir, {"generator": generator})
     else:
@@ -389,7 +391,7 @@ def prepare(cfg: DictConfig, overrides: list[str], device: torch.device) -> Plan
     per_prompt = node.data.metrics.samples_per_prompt if world is not None and node.data.get("metrics") else 1
     items = make_items(read_prompts(cfg.prompts, world, per_prompt), read_seeds(cfg.seed))
     num_frames = cfg.num_frames if cfg.num_frames is not None else method.num_training_frames
-    check_num_frames(num_frames, method, OmegaConf.to_container(node.model.backbone))
+    check_num_frames(num_frames, method, backbone_config(node))
     shape = (len(items), num_frames, *node.model.latent_shape)
     noise = read_noise(cfg.noise, shape) if cfg.noise else None
     student = build_student(node, method, source, device, world)
