@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from hydra.utils import get_class, instantiate
@@ -56,9 +57,32 @@ def build_backbone(cfg: DictConfig, init: str | None) -> WanDiT:
     return model
 
 
+# The folder parts each Wan loader reads (model/wan/folder.py names them).
+_WAN_PARTS = {"model.wan.text_encoder.WanTextEncoder": ("text_encoder", "tokenizer"), "model.wan.vae.WanVAE": ("vae",)}
+
+
+def check_weight_folders(m: DictConfig) -> None:
+    """Name a missing Wan file before any weights load: loading UMT5-XXL alone takes minutes."""
+    from model.wan.folder import check_wan_folder
+
+    checks = []
+    for node in (m.text_encoder, m.vae):
+        if node is not None and node.get("_target_") in _WAN_PARTS:
+            checks.append((node.path, _WAN_PARTS[node._target_]))
+    if m.path is not None and not m.backbone:
+        checks.append((m.path, ("transformer",)))
+    # a pipeline folder: not a .safetensors / .pt file, nor a bare transformer folder with its config.json
+    teacher = Path(m.teacher_path) if m.teacher is None and m.teacher_path is not None else None
+    if teacher is not None and not teacher.is_file() and not (teacher / "config.json").is_file():
+        checks.append((teacher, ("transformer",)))
+    for folder, parts in checks:
+        check_wan_folder(folder, parts=parts)
+
+
 def build_method(cfg: DictConfig, device: torch.device) -> SelfForcingModel:
     """Generator, real score, fake score, text encoder and VAE, handed to the method class."""
     m = cfg.model
+    check_weight_folders(m)
     text_encoder = _frozen(instantiate(m.text_encoder)).to(device)
     vae = _frozen(instantiate(m.vae)).to(device)
     if m.teacher is not None:
@@ -133,4 +157,9 @@ class Batches:
         items = [self.dataset[i % len(self.dataset)] for i in ids]
         if isinstance(items[0], str):
             return ids, {"prompts": items}
-        return ids, {"prompts": [it["prompts"] for it in items], "video": torch.stack([it["video"] for it in items])}
+        # dict items: prompts as a list, every tensor ("video", "latents", "ode") stacked on a batch axis
+        batch = {"prompts": [it["prompts"] for it in items]}
+        for key in items[0]:
+            if key != "prompts":
+                batch[key] = torch.stack([it[key] for it in items])
+        return ids, batch
