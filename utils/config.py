@@ -38,7 +38,7 @@ class ModelSchema:
     teacher: Any = None  # _target_ node of the real score, or null to load a Wan teacher
     teacher_path: Optional[str] = None  # Wan teacher weights (diffusers folder / safetensors)
     generator_init: Optional[str] = None  # generator weights (export, .pt, folder); null = random
-    critic_init: str = "teacher"  # teacher | generator | random | a weights file: where the fake score starts
+    critic_init: str = "teacher"  # teacher | generator | random | a weights file or folder: where the fake score starts
     latent_shape: list = field(default_factory=lambda: [16, 60, 104])  # (C, H, W) of a latent frame
     dtype: str = "float32"  # float32 | bfloat16 for the trained networks
     attention_backend: str = "sdpa"  # sdpa | flash_attn
@@ -142,9 +142,12 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(f"logger.mode must be online, offline or disabled, got {cfg.logger.mode!r}")
     if cfg.model.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
-    if cfg.model.critic_init not in ("teacher", "generator", "random") and not Path(cfg.model.critic_init).is_file():
+    from utils.build import check_weight_folders
+
+    check_weight_folders(cfg.model)  # before the checks below, so a missing Wan file is named with the layout
+    if cfg.model.critic_init not in ("teacher", "generator", "random") and not Path(cfg.model.critic_init).exists():
         raise ValueError(
-            f"model.critic_init must be teacher, generator, random or a weights file, got {cfg.model.critic_init!r}"
+            f"model.critic_init must be teacher, generator, random or a weights file / folder, got {cfg.model.critic_init!r}"
         )
     if cfg.model.generator_init is not None and not Path(cfg.model.generator_init).exists():
         raise FileNotFoundError(f"model.generator_init={cfg.model.generator_init!r} does not exist")
