@@ -35,6 +35,14 @@ from utils.warm_start import WarmStart  # noqa: E402
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
+def save(method, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name, net in (("ode_init", method.generator), ("denoiser", method.fake_score)):
+        weights = {k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()}
+        save_file(weights, str(out / f"{name}.safetensors.tmp"))
+        (out / f"{name}.safetensors.tmp").replace(out / f"{name}.safetensors")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=3000)
@@ -81,15 +89,15 @@ def main(argv=None) -> None:
             report["loss"][phase] = loss.item()
         if step % 100 == 0 or step == args.steps - 1:
             print(f"step {step}: {report['loss']} ({time.time() - start:.0f} s)", flush=True)
+        if (step + 1) % 500 == 0:
+            save(method, Path(args.out))
     world = method.real_score.world
     prompts = [p for p in world.prompts for _ in range(cfg.data.metrics.samples_per_prompt)]
     clips = sample(method, method.generator.eval(), prompts, world.num_frames, args.seed)
     report["generator_eval"] = {k: v for k, v in evaluate(clips, prompts, world).items() if k != "coverage_per_prompt"}
     report["seconds"] = time.time() - start
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, net in (("ode_init", method.generator), ("denoiser", method.fake_score)):
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()}, str(out / f"{name}.safetensors"))
+    save(method, out)
     (out / "pretrain_report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps({k: report[k] for k in ("loss", "seconds")}), report["generator_eval"]["match_rate"])
 

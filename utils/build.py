@@ -108,12 +108,17 @@ def build_method(cfg: DictConfig, device: torch.device) -> SelfForcingModel:
         fake_score = build_backbone(cfg, m.critic_init)
     dtype = DTYPES[m.dtype]
     for net in (generator, fake_score):
-        net.to(device=device, dtype=dtype).train().requires_grad_(True)
+        # trained networks keep fp32 master weights (a 2e-6 AdamW step vanishes in bf16) and compute
+        # in model.dtype under autocast, as mixed-precision training does
+        net.to(device=device).float().train().requires_grad_(True)
+        net.autocast_dtype = None if dtype == torch.float32 else dtype
         net.set_attention_backend(m.attention_backend)
         if m.gradient_checkpointing:
             net.enable_gradient_checkpointing()
     if isinstance(real_score, WanDiT):
-        real_score.to(dtype=dtype).set_attention_backend(m.attention_backend)
+        if real_score.dtype != dtype:
+            real_score.to(dtype=dtype)
+        real_score.set_attention_backend(m.attention_backend)
     cls = get_class(cfg.method._target_)
     return cls(generator, real_score, fake_score, text_encoder, vae, method_config(cfg), tuple(m.latent_shape))
 

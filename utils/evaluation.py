@@ -14,6 +14,11 @@ from pipeline.rollout import rollout
 from utils.sample_rng import SampleRNG
 
 
+# The noise key of evaluation samples: sample i draws from SampleRNG.for_samples(seed, EVAL_STEP,
+# EVAL_PHASE, [i]). inference.py uses the same key, so it reproduces training's evaluation samples.
+EVAL_STEP, EVAL_PHASE = 0, "eval"
+
+
 def long_pattern(method: SelfForcingModel) -> CausalPattern:
     """The generator's pattern for clips past the training length: a rolling window of that length."""
     pattern = method.pattern
@@ -25,7 +30,7 @@ def long_pattern(method: SelfForcingModel) -> CausalPattern:
 @torch.no_grad()
 def sample(method: SelfForcingModel, generator, prompts: list[str], num_frames: int, seed: int) -> torch.Tensor:
     """Clips [N, F, C, H, W] in pixel space, noise keyed by (seed, sample index)."""
-    rng = SampleRNG.for_samples(seed, 0, "eval", list(range(len(prompts))), method.device)
+    rng = SampleRNG.for_samples(seed, EVAL_STEP, EVAL_PHASE, list(range(len(prompts))), method.device)
     noise = rng.randn((len(prompts), num_frames, *method.latent_shape))
     pattern = method.pattern if num_frames <= method.cfg.num_training_frames else long_pattern(method)
     out = rollout(

@@ -36,13 +36,11 @@ from utils.build import DTYPES, backbone_config, pick_device
 from utils.checkpoint import CheckpointManager, find_checkpoint
 from utils.config import DataSchema, MethodSchema, ModelSchema
 from utils.distributed import all_gather_object, barrier, broadcast_object, init_distributed, is_main, log0
-from utils.evaluation import long_pattern
+from utils.evaluation import EVAL_PHASE, EVAL_STEP, long_pattern  # EVAL_*: training's evaluation noise key
 from utils.sample_rng import SampleRNG, mix_seed
 
 log = logging.getLogger(__name__)
 
-# The (step, phase) part of training's evaluation noise key (utils/evaluation.py `sample`).
-EVAL_STEP, EVAL_PHASE = 0, "eval"
 GROUPS = ("model", "method", "data")  # config groups shared with training
 _WHAT = (
     "a training run directory, a step directory (<run>/checkpoints/step_XXXXXX), an exported "

@@ -118,6 +118,8 @@ class ExactTeacher(torch.nn.Module):
         return self._x0(x_t, sigma, context).view_as(x).to(x.dtype)
 
     def _x0(self, x_t: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if x_t.is_cuda:
+            return self._x0_gathered(x_t, sigma, context)
         groups = torch.tensor(self.decode_prompts(context), device=x_t.device)
         templates = self.templates(x_t.shape[1], x_t.device)
         k = self.world.templates_per_prompt
@@ -129,6 +131,24 @@ class ExactTeacher(torch.nn.Module):
             own = templates if g == self.unconditional else templates[g * k:(g + 1) * k]
             w = torch.softmax(log_posterior(x_t[rows], sigma[rows], own, self.s_min), dim=-1)
             x0[rows] = torch.einsum("bk,kfn->bfn", w, own)
+        return x0
+
+    def _x0_gathered(self, x_t: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The same posterior mean with a fixed number of kernels per call (for GPUs, where the
+        per-prompt loop above launches and syncs ~50 times per call): each row gathers its own
+        prompt's K templates; rows of the empty prompt use all templates."""
+        groups = self.decode_prompts(context)
+        templates = self.templates(x_t.shape[1], x_t.device)
+        k, p = self.world.templates_per_prompt, len(self.world.prompts)
+        uncond = torch.tensor([g == self.unconditional for g in groups], device=x_t.device)
+        own = templates.view(p, k, *templates.shape[1:])[torch.tensor(groups, device=x_t.device).clamp(max=p - 1)]
+        cross = torch.einsum("bfn,bkfn->bkf", x_t, own)
+        a, var = 1.0 - sigma, sigma.clamp_min(self.s_min) ** 2
+        log_w = ((2 * a[:, None] * cross - (a * a)[:, None] * (own * own).sum(-1)) / (2 * var[:, None])).sum(-1)
+        x0 = torch.einsum("bk,bkfn->bfn", torch.softmax(log_w, dim=-1), own)
+        if bool(uncond.any()):
+            w = torch.softmax(log_posterior(x_t, sigma, templates, self.s_min), dim=-1)
+            x0 = torch.where(uncond[:, None, None], torch.einsum("bk,kfn->bfn", w, templates), x0)
         return x0
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

@@ -98,7 +98,7 @@ class KVCache:
             num_heads=cfg.num_attention_heads,
             head_dim=cfg.attention_head_dim,
             capacity_frames=capacity,
-            dtype=dtype or param.dtype,
+            dtype=dtype or getattr(model, "compute_dtype", param.dtype),
             device=device or param.device,
         )
 

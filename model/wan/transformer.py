@@ -135,6 +135,7 @@ class WanDiT(WanTransformer3DModel):
         for block in self.blocks:
             block.__class__ = WanDiTBlock  # same parameters, our forward
         self.attention_backend = "sdpa"
+        self.autocast_dtype: torch.dtype | None = None  # set for mixed-precision training
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -224,7 +225,26 @@ class WanDiT(WanTransformer3DModel):
         return projected, "store"
 
     # ------------------------------------------------------------------ forward
-    def forward(
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the forward computes in: the autocast dtype if set, else the parameters'."""
+        return self.autocast_dtype or self.patch_embedding.weight.dtype
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Inputs in any float dtype; the output comes back in x's dtype.
+
+        With `autocast_dtype` (trained networks: fp32 master weights, bf16 compute, as mixed
+        precision trains) the forward runs under autocast; otherwise inputs are cast to the
+        parameters' dtype (frozen bf16 networks).
+        """
+        out_dtype = x.dtype
+        if self.autocast_dtype is None:
+            param_dtype = self.patch_embedding.weight.dtype
+            return self._forward(x.to(param_dtype), timestep, context.to(param_dtype), **kwargs).to(out_dtype)
+        with torch.autocast(x.device.type, dtype=self.autocast_dtype):
+            return self._forward(x, timestep, context, **kwargs).to(out_dtype)
+
+    def _forward(
         self,
         x: torch.Tensor,
         timestep: torch.Tensor,
