@@ -160,3 +160,17 @@ def test_bad_input_stops_with_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(FloatingPointError, match="generator_loss is nan at step 0"):
         run(tmp_path, "nan", "max_steps=2")
     assert not (tmp_path / "nan" / "checkpoints").exists() or not any((tmp_path / "nan" / "checkpoints").iterdir())
+
+
+def test_the_default_starts_from_the_shipped_toy_initialisation():
+    """The embedded default loads assets/toy strictly: ODE-initialised student, pretrained critic."""
+    from safetensors.torch import load_file
+
+    cfg = compose_config(tiny=False)
+    validate(cfg)
+    method = build_method(cfg, torch.device("cpu"))
+    shipped = load_file(CONFIGS.parent / "assets" / "toy" / "ode_init.safetensors")
+    assert all(torch.equal(shipped[k], v) for k, v in method.generator.state_dict().items())
+    critic = load_file(CONFIGS.parent / "assets" / "toy" / "denoiser.safetensors")
+    assert all(torch.equal(critic[k], v) for k, v in method.fake_score.state_dict().items())
+    assert any(not torch.equal(shipped[k], critic[k]) for k in shipped)
