@@ -13,16 +13,17 @@ import random
 import numpy as np
 import torch
 
+from utils.sample_rng import mix_seed
+
 # Domain tags keep the three derived seeds of one (seed, rank, step) independent of each other.
 _PROCESS, _PER_RANK_STEP, _SHARED_STEP = 0, 1, 2
 
 
 def _mix(*values: int) -> int:
-    """A well-mixed 63-bit seed from small integers (nearby inputs give unrelated streams)."""
+    """A well-mixed 63-bit seed from non-negative integers (the project's one seed mixer)."""
     if any(v < 0 for v in values):
         raise ValueError(f"seeds, ranks and steps must be non-negative, got {values}")
-    state = np.random.SeedSequence(list(values)).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
+    return mix_seed(*values)
 
 
 def seed_everything(seed: int, rank: int) -> None:
