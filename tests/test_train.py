@@ -174,3 +174,15 @@ def test_the_default_starts_from_the_shipped_toy_initialisation():
     critic = load_file(CONFIGS.parent / "assets" / "toy" / "denoiser.safetensors")
     assert all(torch.equal(critic[k], v) for k, v in method.fake_score.state_dict().items())
     assert any(not torch.equal(shipped[k], critic[k]) for k in shipped)
+
+
+def test_warm_start_runs_before_step_zero_and_changes_both_networks(tmp_path):
+    """warm_start.*_steps: ODE regression of the generator and flow matching of the critic on the teacher."""
+    plain, _ = run(tmp_path, "plain", "max_steps=0", "checkpoint.every=0")
+    warm, _ = run(tmp_path, "warm", "max_steps=0", "checkpoint.every=0", "warm_start.generator_steps=2",
+                  "warm_start.critic_steps=1")
+    a = checkpoint_tensors(plain / "checkpoints" / "step_000000", tmp_path)
+    b = checkpoint_tensors(warm / "checkpoints" / "step_000000", tmp_path)
+    for net in (".generator.", ".critic."):
+        moved = max((a[k] - b[k]).abs().max().item() for k in a if k.startswith(net))
+        assert moved > 1e-4, net  # a few AdamW steps at lr 1e-3 moved the weights
