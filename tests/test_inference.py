@@ -149,8 +149,8 @@ def test_bad_input_fails_before_any_file(run_dir, tmp_path):
     cases = [
         ([f"checkpoint={tmp_path / 'nope'}"], [], FileNotFoundError, "does not exist; expected a training run directory"),
         ([f"checkpoint={tmp_path}"], [], FileNotFoundError, "no complete checkpoint"),
-        ([f"checkpoint={run_dir}", f"prompts={tmp_path / 'empty.txt'}"], [], ValueError, "holds no prompts; expected one prompt per line"),
-        ([f"checkpoint={run_dir}", f"prompts={tmp_path / 'missing.txt'}"], [], FileNotFoundError, "no such prompt file"),
+        ([f"checkpoint={run_dir}", f"prompts={tmp_path / 'empty.txt'}"], [], ValueError, "holds no prompts"),
+        ([f"checkpoint={run_dir}", f"prompts={tmp_path / 'missing.txt'}"], [], FileNotFoundError, "does not exist; expected a text file with one prompt per line"),
         ([f"checkpoint={run_dir}", "num_frames=7"], [], ValueError, "num_frames=7 is impossible.*multiple of num_frame_per_block=2"),
         ([f"checkpoint={run_dir}", "num_frames=0"], [], ValueError, "num_frames=0 is impossible"),
         ([f"checkpoint={run_dir}", f"noise={export}"], [], ValueError, r"expected a tensor .* of shape \(48, 6, 3, 8, 8\)"),

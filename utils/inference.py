@@ -37,6 +37,7 @@ from utils.checkpoint import CheckpointManager, find_checkpoint
 from utils.config import DataSchema, MethodSchema, ModelSchema
 from utils.distributed import all_gather_object, barrier, broadcast_object, init_distributed, is_main, log0
 from utils.evaluation import EVAL_PHASE, EVAL_STEP, long_pattern  # EVAL_*: training's evaluation noise key
+from utils.data import PromptFile
 from utils.sample_rng import SampleRNG, mix_seed
 
 log = logging.getLogger(__name__)
@@ -244,13 +245,7 @@ def read_prompts(prompts: Any, world=None, samples_per_prompt: int = 1) -> list[
         return [p for p in world.prompts for _ in range(samples_per_prompt)]
     if isinstance(prompts, str):
         if prompts.endswith(".txt") or Path(prompts).is_file():
-            path = Path(prompts).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(f"prompts={prompts}: no such prompt file (expected a .txt, one prompt per line)")
-            found = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-            if not found:
-                raise ValueError(f"prompt file {path} holds no prompts; expected one prompt per line")
-            return found
+            return PromptFile(prompts).prompts  # training's prompt-file reader, with its errors
         prompts = [prompts]
     found = [str(p).strip() for p in prompts if str(p).strip()]
     if not found:
