@@ -139,6 +139,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
     if start == 0:
         warm_start(method, cfg, dist, batches, accumulation, step_update)
+        if cfg.data.metrics is not None and dist.is_main:  # the exact teacher's own row, once per run
+            ref = evaluate_toy(method, None, cfg.data, 0, cfg.seed, run_dir, eval_frames, teacher=True)
+            log0("exact teacher (%s): match rate %.3f, coverage %.3f", ref["source"], ref["match_rate"], ref["coverage"])
         if cfg.eval.at_start:
             evaluate(0)
     bar = ProgressBar(cfg.max_steps, start)

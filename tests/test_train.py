@@ -119,9 +119,12 @@ def test_each_method_trains_a_few_steps_on_the_toy_world(tmp_path, method):
 
 def test_embedded_default_evaluates_and_writes_samples(tmp_path):
     run_dir, results = run(tmp_path, "eval", "max_steps=1", "eval.at_start=true", "checkpoint.every=0")
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 2  # at the start and at the end
-    record = __import__("json").loads(lines[-1])
+    rows = [__import__("json").loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    teacher = [r for r in rows if r["source"].startswith("exact_teacher")]
+    student = [r for r in rows if r["source"] == "student"]
+    assert len(teacher) == 1 and len(student) == 2  # the reference row once; the student at the start and the end
+    assert teacher[0]["match_rate"] >= 0.99 and teacher[0]["long_match_rate"] >= 0.99
+    record = student[-1]
     assert {"step", "match_rate", "coverage", "frame_error", "long_match_rate"} <= record.keys()
     assert len(record["frame_error"]) == 6 and len(record["long_frame_error"]) == 8
     assert 0.0 <= record["match_rate"] <= 1.0

@@ -40,20 +40,29 @@ def sample(method: SelfForcingModel, generator, prompts: list[str], num_frames: 
     return method.vae.decode(out.video).float().cpu()
 
 
-def evaluate_toy(method, generator, data_cfg, step: int, seed: int, run_dir: Path, num_frames: int) -> dict:
-    """Toy-world metrics at the training length and at metrics.long_num_frames; a grid video."""
-    from utils.toy_metrics import append_jsonl, evaluate
+def evaluate_toy(method, generator, data_cfg, step: int, seed: int, run_dir: Path, num_frames: int,
+                 teacher: bool = False) -> dict:
+    """Toy-world metrics at the training length and at metrics.long_num_frames; a grid video.
+
+    teacher=True scores the exact teacher's own samples instead (metrics.teacher_steps Euler steps,
+    no guidance: its conditional is exact), the reference row a student is read against.
+    """
+    from utils.toy_metrics import append_jsonl, evaluate, sample_teacher
     from utils.video import grid_video, write_video
 
     world, metrics_cfg = method.real_score.world, data_cfg.metrics
     prompts = [p for p in world.prompts for _ in range(metrics_cfg.samples_per_prompt)]
-    record = {"step": step}
+    record = {"step": step, "source": f"exact_teacher_{metrics_cfg.teacher_steps}_steps" if teacher else "student"}
     lengths = {"": num_frames, "long_": metrics_cfg.long_num_frames}
     for prefix, frames in lengths.items():
-        clips = sample(method, generator, prompts, frames, seed)
+        if teacher:
+            clips = sample_teacher(method.real_score, method.text_encoder, prompts, frames, metrics_cfg.teacher_steps,
+                                   shift=method.cfg.timestep_shift, generator=torch.Generator().manual_seed(seed))
+        else:
+            clips = sample(method, generator, prompts, frames, seed)
         scores = evaluate(clips, prompts, world, metrics_cfg.match_threshold)
         record.update({f"{prefix}{k}": v for k, v in scores.items() if k != "coverage_per_prompt"})
-        if prefix == "":
+        if prefix == "" and not teacher:
             first = clips[:: metrics_cfg.samples_per_prompt]
             grid = grid_video(first, world.prompts, title=f"step {step}")
             for ext in ("mp4", "gif"):
