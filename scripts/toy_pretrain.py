@@ -50,10 +50,14 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="assets/toy")
+    p.add_argument("--resume", default=None, help="a folder with ode_init / denoiser .safetensors to continue from")
     p.add_argument("overrides", nargs="*", help="Hydra overrides of the training config (model / data)")
     args = p.parse_args(argv)
 
-    overrides = ["model.generator_init=null", "model.critic_init=random", f"batch_size={args.batch_size}",
+    start_from = (["model.generator_init=" + str(Path(args.resume) / "ode_init.safetensors"),
+                   "model.critic_init=" + str(Path(args.resume) / "denoiser.safetensors")] if args.resume
+                  else ["model.generator_init=null", "model.critic_init=random"])
+    overrides = [*start_from, f"batch_size={args.batch_size}",
                  f"seed={args.seed}", *args.overrides]
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
