@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-import logging
+import copy
 import math
 from pathlib import Path
 
@@ -27,8 +27,6 @@ from utils.evaluation import evaluate_toy
 from utils.rng import get_rng_state, seed_everything, set_rng_state
 from utils.tracker import ProgressBar, make_tracker
 from utils.warm_start import warm_start
-
-log = logging.getLogger("train")
 
 
 def step_update(method, phase, net, optimizer, scheduler, batches, step, cfg, dist, accumulation, optim_cfg=None):
@@ -82,8 +80,6 @@ def evaluation_generator(method, ema: EMA | None):
     """The network to sample with: an EMA copy once EMA has started, else the generator itself."""
     if ema is None or not ema.active:
         return method.generator
-    import copy
-
     net = copy.deepcopy(method.generator)
     ema.copy_to(net)
     return net.eval()
