@@ -121,7 +121,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     def evaluate(step: int):
         if cfg.data.metrics is None or not dist.is_main:
             return
-        record = evaluate_toy(method, evaluation_generator(method, ema), cfg.data, step, cfg.seed, run_dir, eval_frames)
+        record = evaluate_toy(method, evaluation_generator(method, ema), cfg.data, step, cfg.seed, run_dir, eval_frames,
+                              video_formats=cfg.eval.video_formats)
         results.setdefault("first", record)
         results["last"] = record
         tracker.log({k: v for k, v in record.items() if isinstance(v, float)}, step)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -83,6 +83,7 @@ class EvalSchema:
     every: int = 500  # steps between evaluations / sample videos (<= 0: only at the end)
     num_frames: Optional[int] = None  # frames of evaluation samples (null: num_training_frames)
     at_start: bool = True  # also evaluate the untrained student at step 0
+    video_formats: List[str] = field(default_factory=lambda: ["mp4", "gif"])  # sample grids written (mp4 needs imageio-ffmpeg)
 
 
 @dataclass
@@ -138,6 +139,9 @@ def validate(cfg: DictConfig) -> None:
             raise ValueError(f"{name}.schedule must be constant or cosine, got {optim.schedule!r}")
         if len(optim.betas) != 2:
             raise ValueError(f"{name}.betas must hold two numbers, got {list(optim.betas)}")
+    bad = [f for f in cfg.eval.video_formats if f not in ("mp4", "gif")]
+    if bad:
+        raise ValueError(f"eval.video_formats may hold mp4 and gif, got {bad}")
     if cfg.logger.mode not in ("online", "offline", "disabled"):
         raise ValueError(f"logger.mode must be online, offline or disabled, got {cfg.logger.mode!r}")
     if cfg.model.dtype not in ("float32", "bfloat16"):

@@ -41,7 +41,7 @@ def sample(method: SelfForcingModel, generator, prompts: list[str], num_frames: 
 
 
 def evaluate_toy(method, generator, data_cfg, step: int, seed: int, run_dir: Path, num_frames: int,
-                 teacher: bool = False) -> dict:
+                 teacher: bool = False, video_formats=("mp4", "gif")) -> dict:
     """Toy-world metrics at the training length and at metrics.long_num_frames; a grid video.
 
     teacher=True scores the exact teacher's own samples instead (metrics.teacher_steps Euler steps,
@@ -65,7 +65,7 @@ def evaluate_toy(method, generator, data_cfg, step: int, seed: int, run_dir: Pat
         if prefix == "" and not teacher:
             first = clips[:: metrics_cfg.samples_per_prompt]
             grid = grid_video(first, world.prompts, title=f"step {step}")
-            for ext in ("mp4", "gif"):
+            for ext in video_formats:
                 write_video(run_dir / "samples" / f"step_{step:06d}.{ext}", grid)
     append_jsonl(run_dir / "metrics.jsonl", record)
     return record
