@@ -2,7 +2,8 @@
 
 Three kernels serve three cases:
 - unmasked attention (bidirectional clips, a KV-cache chunk over its visible past, cross-attention):
-  SDPA by default, or flash-attn when it is installed and selected;
+  SDPA by default (PyTorch picks its kernel), SDPA pinned to cuDNN's fused attention (a Hopper-tuned
+  kernel, CUDA only), or flash-attn when it is installed and selected;
 - the whole-clip block-causal mask: FlexAttention on CUDA (block-sparse, no dense mask), SDPA with
   a dense boolean mask on CPU, where FlexAttention has no backward.
 Tensors are laid out [B, L, heads, head_dim] throughout, as diffusers' Wan attention does.
@@ -16,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-BACKENDS = ("sdpa", "flash_attn")
+BACKENDS = ("sdpa", "cudnn", "flash_attn")
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
         from flash_attn import flash_attn_func  # imported lazily: an optional dependency
 
         return flash_attn_func(q, k, v)
+    if backend == "cudnn":
+        if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(
+                f"attention backend 'cudnn' runs on CUDA in bf16 / fp16, got a {q.dtype} tensor on {q.device}; "
+                "select attention_backend=sdpa for this model"
+            )
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):  # no fallback: an unsupported shape raises
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)
 

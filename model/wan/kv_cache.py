@@ -186,16 +186,30 @@ class CrossAttnCache:
 
     Entries are stored detached. They are reused when no gradient is wanted; a call with grad
     enabled recomputes them from the text so that the text projections still receive gradients.
+    `reset()` keeps the memory: the next prompt batch of the same shape is copied into the same
+    tensors, so work captured against their addresses (CUDA graphs) stays valid.
     """
 
     def __init__(self, num_layers: int):
         self.kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
         self.context: torch.Tensor | None = None  # the projected text, [B, L, dim]
+        self.filled = False
 
-    @property
-    def filled(self) -> bool:
-        return self.context is not None
+    def set_context(self, projected: torch.Tensor) -> None:
+        self.context = _copy_into(self.context, projected)
+        self.filled = True
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        old = self.kv[layer] or (None, None)
+        self.kv[layer] = (_copy_into(old[0], k), _copy_into(old[1], v))
 
     def reset(self) -> None:
-        self.kv = [None] * len(self.kv)
-        self.context = None
+        self.filled = False
+
+
+def _copy_into(buffer: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    """value, written into `buffer` when that has its shape, dtype and device (else value itself)."""
+    value = value.detach()
+    if buffer is not None and (buffer.shape, buffer.dtype, buffer.device) == (value.shape, value.dtype, value.device):
+        return buffer.copy_(value)
+    return value

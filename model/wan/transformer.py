@@ -12,6 +12,7 @@ positions are absolute (`frame_offset + f`) in every mode, so the three modes ag
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel, WanTransformerBlock
 
 from .attention import CausalPattern, attention, block_causal_attention, check_backend
+from .fused import block_ops
 from .kv_cache import ChunkPlan, CrossAttnCache, KVCache
 from .weights import raise_on_mismatch
 
@@ -38,12 +40,7 @@ class AttnSpec:
     plan: ChunkPlan | None = None
     cross: CrossAttnCache | None = None
     cross_mode: str = "compute"  # "compute" | "store" (fill the cache) | "reuse"
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (Wan's layout). x: [B, L, H, D]; cos, sin: [L, 1, D/2] float32."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
+    fused: bool = False  # element-wise stretches through torch.compile (model/wan/fused.py)
 
 
 class WanDiTBlock(WanTransformerBlock):
@@ -69,25 +66,24 @@ class WanDiTBlock(WanTransformerBlock):
             return h.view(batch, frames, length // frames, dim)
 
         # 1. Self-attention (bidirectional, block-causal, or over the KV cache)
-        h = (self.norm1(per_frame(x).float()) * (1 + scale) + shift).type_as(x).view(batch, length, dim)
-        h = self._self_attention(h, rope, spec, layer, past, write)
-        x = (per_frame(x).float() + per_frame(h) * gate).type_as(x).view(batch, length, dim)
+        ops = block_ops(spec.fused)
+        h = ops.norm_modulate(per_frame(x), scale, shift, self.norm1.eps).view(batch, length, dim)
+        h = self._self_attention(h, rope, spec, layer, past, write, ops)
 
         # 2. Cross-attention to the text (K/V possibly cached per prompt)
-        h = self.norm2(x.float()).type_as(x)
-        x = x + self._cross_attention(h, context, spec, layer, write)
+        x, h = ops.gated_add_norm(per_frame(x), per_frame(h), gate, self.norm2.weight, self.norm2.bias, self.norm2.eps)
+        h = self._cross_attention(h.view(batch, length, dim), context, spec, layer, write, ops)
 
         # 3. Feed-forward
-        h = (self.norm3(per_frame(x).float()) * (1 + c_scale) + c_shift).type_as(x)
-        h = self.ffn(h).view(batch, length, dim)
-        return (per_frame(x).float() + per_frame(h).float() * c_gate).type_as(x).view(batch, length, dim)
+        x, h = ops.add_norm_modulate(x, per_frame(h), c_scale, c_shift, self.norm3.eps)
+        h = self.ffn(h)
+        return ops.gated_add(x, h, c_gate).view(batch, length, dim)
 
-    def _self_attention(self, h, rope, spec: AttnSpec, layer, past, write):
+    def _self_attention(self, h, rope, spec: AttnSpec, layer, past, write, ops):
         attn = self.attn1
-        q = attn.norm_q(attn.to_q(h)).unflatten(2, (attn.heads, -1))
-        k = attn.norm_k(attn.to_k(h)).unflatten(2, (attn.heads, -1))
+        q, k = ops.qk_norm_rope(attn.to_q(h), attn.to_k(h), attn.norm_q.weight, attn.norm_k.weight, attn.norm_q.eps,
+                                attn.heads, *rope)
         v = attn.to_v(h).unflatten(2, (attn.heads, -1))
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if spec.cache is not None:
             k, v = spec.cache.attend_kv(layer, spec.plan, k, v, past=past, write=write)
             out = attention(q, k, v, spec.backend)
@@ -97,18 +93,23 @@ class WanDiTBlock(WanTransformerBlock):
             out = attention(q, k, v, spec.backend)
         return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).type_as(q)))
 
-    def _cross_attention(self, h, context, spec: AttnSpec, layer, write):
+    def _cross_attention(self, h, context, spec: AttnSpec, layer, write, ops):
         attn = self.attn2
-        q = attn.norm_q(attn.to_q(h)).unflatten(2, (attn.heads, -1))
+        q = ops.rms_norm(attn.to_q(h), attn.norm_q.weight, attn.norm_q.eps).unflatten(2, (attn.heads, -1))
         if spec.cross_mode == "reuse":
             k, v = spec.cross.kv[layer]
         else:
-            k = attn.norm_k(attn.to_k(context)).unflatten(2, (attn.heads, -1))
-            v = attn.to_v(context).unflatten(2, (attn.heads, -1))
+            k, v = self.cross_kv(context)
             if spec.cross_mode == "store" and write:
-                spec.cross.kv[layer] = (k.detach(), v.detach())
+                spec.cross.store(layer, k.detach(), v.detach())
         out = attention(q, k, v, spec.backend)
         return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).type_as(q)))
+
+    def cross_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cross-attention keys and values of the projected text. context: [B, L, D] -> [B, L, H, D/H] each."""
+        attn = self.attn2
+        k = attn.norm_k(attn.to_k(context)).unflatten(2, (attn.heads, -1))
+        return k, attn.to_v(context).unflatten(2, (attn.heads, -1))
 
 
 class WanDiT(WanTransformer3DModel):
@@ -135,6 +136,7 @@ class WanDiT(WanTransformer3DModel):
         for block in self.blocks:
             block.__class__ = WanDiTBlock  # same parameters, our forward
         self.attention_backend = "sdpa"
+        self.fused_elementwise = False  # set_fused_elementwise: compiled norms / modulation / RoPE
         self.autocast_dtype: torch.dtype | None = None  # set for mixed-precision training
 
     @classmethod
@@ -156,6 +158,25 @@ class WanDiT(WanTransformer3DModel):
         """Select the kernel for unmasked attention: "sdpa" (default) or "flash_attn"."""
         check_backend(backend)
         self.attention_backend = backend
+
+    def set_fused_elementwise(self, fused: bool) -> None:
+        """Run the blocks' norms, modulation, RoPE and gated residuals as torch.compile'd kernels
+        (model/wan/fused.py); the eager ops are diffusers' and give its numbers exactly."""
+        self.fused_elementwise = bool(fused)
+
+    @torch.no_grad()
+    def fill_crossattn_cache(self, context: torch.Tensor, cache: CrossAttnCache) -> None:
+        """Project the text and store every block's cross-attention K/V (what the first chunk call
+        would store), so that all chunk calls of a rollout are alike ("reuse")."""
+        if self.autocast_dtype is None:  # as forward(): frozen networks compute in their parameters' dtype
+            autocast, context = contextlib.nullcontext(), context.to(self.patch_embedding.weight.dtype)
+        else:
+            autocast = torch.autocast(context.device.type, dtype=self.autocast_dtype)
+        with autocast:
+            text = self.condition_embedder.text_embedder(context)
+            cache.set_context(text)
+            for layer, block in enumerate(self.blocks):
+                cache.store(layer, *block.cross_kv(text))
 
     # ------------------------------------------------------------------ helpers
     def _check_input(self, x, timestep, context, causal, kv_cache, frame_offset):
@@ -221,7 +242,7 @@ class WanDiT(WanTransformer3DModel):
         projected = self.condition_embedder.text_embedder(context)
         if crossattn_cache.filled:
             return projected, "compute"
-        crossattn_cache.context = projected.detach()
+        crossattn_cache.set_context(projected.detach())
         return projected, "store"
 
     # ------------------------------------------------------------------ forward
@@ -279,7 +300,8 @@ class WanDiT(WanTransformer3DModel):
         plan = None
         if kv_cache is not None:
             plan = kv_cache.plan(frame_offset, frames, batch, h * w)
-        spec = AttnSpec(self.attention_backend, frames, causal, kv_cache, plan, crossattn_cache, cross_mode)
+        spec = AttnSpec(self.attention_backend, frames, causal, kv_cache, plan, crossattn_cache, cross_mode,
+                        self.fused_elementwise)
 
         # 4. Transformer blocks (optionally with activation checkpointing)
         for layer, block in enumerate(self.blocks):
