@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import math
 from pathlib import Path
 
@@ -19,11 +19,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from utils import config as config_schema  # registers the typed schema
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
+
 from utils.build import Batches, backbone_config, build_method, build_optimizer, pick_device
 from utils.checkpoint import CheckpointManager, resolve_resume
-from utils.distributed import all_reduce_mean, init_distributed, log0
+from utils.distributed import all_reduce_mean, destroy, init_distributed, log0, single_process_group
 from utils.ema import EMA
 from utils.evaluation import evaluate_toy
+from utils.fsdp import build_mesh, shard_method
 from utils.rng import get_rng_state, seed_everything, set_rng_state
 from utils.tracker import ProgressBar, make_tracker
 from utils.warm_start import warm_start
@@ -33,39 +37,47 @@ def step_update(method, phase, net, optimizer, scheduler, batches, step, cfg, di
     """One optimizer update of `net` (generator or critic) over the accumulated micro-batches."""
     loss_fn = method.generator_loss if phase == "generator" else method.critic_loss
     params = [p for p in net.parameters() if p.requires_grad]
+    if dist.world_size > 1 and not isinstance(params[0], DTensor):
+        raise RuntimeError(f"the {phase} is not sharded: on several ranks, shard it with utils.fsdp.shard_method first")
     optimizer.zero_grad(set_to_none=True)
-    logs: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}
     for micro in range(accumulation):
         ids, batch = batches.get(step, micro, dist.rank)
         method.reseed(cfg.seed, step, phase, ids)
         loss, parts = loss_fn(batch)
-        # backward into this net only: SiD's loss runs through the critic, which this update must not touch
-        (loss / accumulation).backward(inputs=params)
+        # FSDP averages over ranks the gradients of each sharded network the backward runs through;
+        # backward(inputs=...) would skip that, so SiD's critic gets gradients too, dropped below.
+        (loss / accumulation).backward()
         for k, v in parts.items():
-            logs[k] = logs.get(k, 0.0) + float(v) / accumulation
+            sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32, device=dist.device).detach() / accumulation
+    for other in (method.generator, method.fake_score):
+        if other is not net:
+            other.zero_grad(set_to_none=True)
+    # one all-reduce of the logged numbers: every rank sees the global batch's losses, and stops together on NaN
+    names = sorted(sums)
+    logs: dict[str, float] = dict(zip(names, all_reduce_mean(torch.stack([sums[k] for k in names])).tolist()))
     key = f"{phase}_loss"
     if not math.isfinite(logs[key]):
         raise FloatingPointError(
             f"{key} is {logs[key]} at step {step}: training stopped before the update, so no NaN weights were "
             "saved; resume from the last checkpoint with a lower learning rate or check the inputs"
         )
-    for p in params:  # average over ranks (single process: nothing to do)
-        if p.grad is not None and dist.world_size > 1:
-            all_reduce_mean(p.grad)
     optim_cfg = optim_cfg or (cfg.generator_optim if phase == "generator" else cfg.critic_optim)
     if optim_cfg.grad_clip > 0:
-        logs[f"{phase}_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, optim_cfg.grad_clip))
+        norm = torch.nn.utils.clip_grad_norm_(params, optim_cfg.grad_clip)  # the whole model's norm, also from shards
+        logs[f"{phase}_grad_norm"] = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
     optimizer.step()
     scheduler.step()
     return logs
 
 
 def export_of(method, ema: EMA | None, cfg: DictConfig) -> dict:
-    """The inference weights: EMA once it has started, else the generator; with their config."""
+    """The inference weights, consolidated on rank 0 (a collective): EMA once it has started, else the generator."""
     if ema is not None and ema.active:
-        weights = ema.full_state_dict()
+        weights = ema.full_state_dict(rank0_only=True)
     else:
-        weights = {k: v.detach() for k, v in method.generator.state_dict().items()}
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 gets them, on the CPU
+        weights = get_model_state_dict(method.generator, options=options)
     config = {
         "backbone": backbone_config(cfg),
         "method": OmegaConf.to_container(cfg.method, resolve=True),
@@ -76,20 +88,22 @@ def export_of(method, ema: EMA | None, cfg: DictConfig) -> dict:
     return {"weights": weights, "config": config}
 
 
-def evaluation_generator(method, ema: EMA | None):
-    """The network to sample with: an EMA copy once EMA has started, else the generator itself."""
-    if ema is None or not ema.active:
-        return method.generator
-    net = copy.deepcopy(method.generator)
-    ema.copy_to(net)
-    return net.eval()
-
-
 def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Train on every rank of a torchrun job, or as world size 1 of the same code (a one-rank group)."""
     dist = init_distributed()
+    own_group = single_process_group(dist)
+    try:
+        return _train(cfg, run_dir, dist)
+    finally:
+        if own_group:
+            destroy()
+
+
+def _train(cfg: DictConfig, run_dir: Path, dist) -> dict:
     device = pick_device(cfg, dist.local_rank)
     seed_everything(cfg.seed, dist.rank)
     method = build_method(cfg, device)
+    shard_method(method, cfg, build_mesh(cfg.fsdp, dist))  # before the optimizers, which must hold the shards
     accumulation = config_schema.accumulation_steps(cfg, dist.world_size)
     is_causvid = cfg.method._target_.endswith("CausVid")
     dataset = instantiate(cfg.data.videos if is_causvid else cfg.data.prompts)
@@ -119,10 +133,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     results: dict = {}
 
     def evaluate(step: int):
-        if cfg.data.metrics is None or not dist.is_main:
+        if cfg.data.metrics is None:
             return
-        record = evaluate_toy(method, evaluation_generator(method, ema), cfg.data, step, cfg.seed, run_dir, eval_frames,
-                              video_formats=cfg.eval.video_formats)
+        # every rank samples (sharded forwards are collectives); rank 0 writes the metrics and videos
+        with ema.applied_to(method.generator) if ema is not None and ema.active else contextlib.nullcontext():
+            record = evaluate_toy(method, method.generator, cfg.data, step, cfg.seed, run_dir, eval_frames,
+                                  video_formats=cfg.eval.video_formats, write=dist.is_main)
         results.setdefault("first", record)
         results["last"] = record
         tracker.log({k: v for k, v in record.items() if isinstance(v, float)}, step)

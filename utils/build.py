@@ -115,10 +115,13 @@ def build_method(cfg: DictConfig, device: torch.device) -> SelfForcingModel:
         net.set_attention_backend(m.attention_backend)
         if m.gradient_checkpointing:
             net.enable_gradient_checkpointing()
+            net.checkpoint_policy = m.checkpoint_policy
+        net.set_fused_elementwise(m.fused_elementwise)
     if isinstance(real_score, WanDiT):
         if real_score.dtype != dtype:
             real_score.to(dtype=dtype)
         real_score.set_attention_backend(m.attention_backend)
+        real_score.set_fused_elementwise(m.fused_elementwise)
     cls = get_class(cfg.method._target_)
     return cls(generator, real_score, fake_score, text_encoder, vae, method_config(cfg), tuple(m.latent_shape))
 

@@ -41,8 +41,10 @@ class ModelSchema:
     critic_init: str = "teacher"  # teacher | generator | random | a weights file or folder: where the fake score starts
     latent_shape: list = field(default_factory=lambda: [16, 60, 104])  # (C, H, W) of a latent frame
     dtype: str = "float32"  # float32 | bfloat16 for the trained networks
-    attention_backend: str = "sdpa"  # sdpa | flash_attn
+    attention_backend: str = "sdpa"  # sdpa | cudnn | flash_attn
     gradient_checkpointing: bool = False  # activation checkpointing per transformer block
+    checkpoint_policy: str = "full"  # full: recompute the whole block | save_attention: keep attention outputs, recompute the rest
+    fused_elementwise: bool = False  # norms, modulation and RoPE through torch.compile (model/wan/fused.py)
 
 
 @dataclass
@@ -87,6 +89,28 @@ class EvalSchema:
 
 
 @dataclass
+class ReshardSchema:
+    generator: bool = True  # free the gathered weights after each forward (less memory, one more all-gather in backward)
+    critic: bool = True
+    teacher: bool = True  # false: the frozen teacher stays gathered after its first forward (a full replica)
+    text_encoder: bool = True
+
+
+@dataclass
+class OffloadSchema:
+    teacher: bool = False  # keep the frozen teacher's shards in pinned CPU memory (CUDA only)
+    text_encoder: bool = False  # likewise for the text encoder
+
+
+@dataclass
+class FSDPSchema:
+    replicate: int = 1  # copies of the weights, e.g. nodes: > 1 is hybrid sharding (shard in a node, replicate across)
+    shard: Optional[int] = None  # ranks sharing one copy, e.g. GPUs per node (null: world size / replicate)
+    reshard_after_forward: ReshardSchema = field(default_factory=ReshardSchema)
+    cpu_offload: OffloadSchema = field(default_factory=OffloadSchema)
+
+
+@dataclass
 class LoggerSchema:
     mode: str = "disabled"  # online | offline | disabled (wandb)
     project: str = "selfforcing"  # wandb project
@@ -110,6 +134,7 @@ class TrainSchema:
     checkpoint: CheckpointSchema = field(default_factory=CheckpointSchema)
     eval: EvalSchema = field(default_factory=EvalSchema)
     logger: LoggerSchema = field(default_factory=LoggerSchema)
+    fsdp: FSDPSchema = field(default_factory=FSDPSchema)  # sharding over ranks (utils/fsdp.py)
     method: MethodSchema = field(default_factory=MethodSchema)
     model: ModelSchema = field(default_factory=ModelSchema)
     data: DataSchema = field(default_factory=DataSchema)
@@ -123,6 +148,7 @@ def register() -> None:
 
 register()
 
+CHECKPOINT_POLICIES = ("full", "save_attention")
 _METHOD_ONLY = {"sid_alpha": "model.sid.SiD", "teacher_forcing": "model.causvid.CausVid"}
 
 
@@ -146,6 +172,10 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(f"logger.mode must be online, offline or disabled, got {cfg.logger.mode!r}")
     if cfg.model.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
+    if cfg.model.checkpoint_policy not in CHECKPOINT_POLICIES:
+        raise ValueError(f"model.checkpoint_policy must be one of {CHECKPOINT_POLICIES}, got {cfg.model.checkpoint_policy!r}")
+    if cfg.fsdp.replicate < 1 or (cfg.fsdp.shard is not None and cfg.fsdp.shard < 1):
+        raise ValueError(f"fsdp.replicate and fsdp.shard must be >= 1 (shard may be null), got {cfg.fsdp.replicate}, {cfg.fsdp.shard}")
     from utils.build import check_weight_folders
 
     check_weight_folders(cfg.model)  # before the checks below, so a missing Wan file is named with the layout

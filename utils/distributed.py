@@ -71,6 +71,19 @@ def init_distributed(device_type: str | None = None) -> Dist:
     return Dist(0, 1, local_rank, device)
 
 
+def single_process_group(d: Dist) -> bool:
+    """Give a process started without torchrun a process group of world size 1 (so FSDP and DCP run
+    the same code as on many ranks); True if one was created here (the caller destroys it)."""
+    if dist.is_initialized():
+        return False
+    store = dist.HashStore()
+    if d.device.type == "cuda":
+        dist.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=d.device)
+    else:
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    return True
+
+
 def get_rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 

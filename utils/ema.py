@@ -10,11 +10,15 @@ like the model itself.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
+
+from utils.fsdp import reshard
 
 # Module wrappers that add a path component to parameter names but not to state_dict keys.
 WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
@@ -118,10 +122,33 @@ class EMA:
         self.active = bool(state["active"])
 
     @torch.no_grad()
-    def full_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """Whole (gathered) EMA tensors for export; a collective under FSDP: call on every rank."""
+    def full_state_dict(self, dtype: torch.dtype | None = None, rank0_only: bool = False) -> dict[str, torch.Tensor]:
+        """Whole (gathered) EMA tensors for export; a collective under FSDP: call on every rank.
+
+        rank0_only: gather one tensor at a time and keep it, on the CPU, on rank 0 only (other ranks get
+        {}), so no rank ever holds the whole model on its GPU.
+        """
+        keep = not rank0_only or not dist.is_initialized() or dist.get_rank() == 0
         out = {}
         for name, t in self.shadow.items():
             full = self._wrap(name, t).full_tensor() if name in self._dtensor_meta else t.clone()
-            out[name] = full.to(dtype) if dtype is not None else full
+            if keep:
+                full = full.to(dtype) if dtype is not None else full
+                out[name] = full.cpu() if rank0_only else full
         return out
+
+    @contextlib.contextmanager
+    def applied_to(self, model: nn.Module):
+        """Sample with the EMA weights inside the block: swap them into the model's (local shards of)
+        parameters, and the training weights back afterwards; no full copy of the model is made."""
+        reshard(model)  # gathered weights would hide the swap from the next forward
+        params = self._params(model)
+        with torch.no_grad():
+            backup = [p.clone() for p in params]
+            torch._foreach_copy_(params, list(self.shadow.values()))
+        try:
+            yield model
+        finally:
+            reshard(model)
+            with torch.no_grad():
+                torch._foreach_copy_(params, backup)

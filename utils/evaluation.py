@@ -41,11 +41,12 @@ def sample(method: SelfForcingModel, generator, prompts: list[str], num_frames: 
 
 
 def evaluate_toy(method, generator, data_cfg, step: int, seed: int, run_dir: Path, num_frames: int,
-                 teacher: bool = False, video_formats=("mp4", "gif")) -> dict:
+                 teacher: bool = False, video_formats=("mp4", "gif"), write: bool = True) -> dict:
     """Toy-world metrics at the training length and at metrics.long_num_frames; a grid video.
 
     teacher=True scores the exact teacher's own samples instead (metrics.teacher_steps Euler steps,
     no guidance: its conditional is exact), the reference row a student is read against.
+    Under FSDP every rank calls this (the generator's forwards are collectives), with write=True on one.
     """
     from utils.toy_metrics import append_jsonl, evaluate, sample_teacher
     from utils.video import grid_video, write_video
@@ -62,10 +63,11 @@ def evaluate_toy(method, generator, data_cfg, step: int, seed: int, run_dir: Pat
             clips = sample(method, generator, prompts, frames, seed)
         scores = evaluate(clips, prompts, world, metrics_cfg.match_threshold)
         record.update({f"{prefix}{k}": v for k, v in scores.items() if k != "coverage_per_prompt"})
-        if prefix == "" and not teacher:
+        if prefix == "" and not teacher and write:
             first = clips[:: metrics_cfg.samples_per_prompt]
             grid = grid_video(first, world.prompts, title=f"step {step}")
             for ext in video_formats:
                 write_video(run_dir / "samples" / f"step_{step:06d}.{ext}", grid)
-    append_jsonl(run_dir / "metrics.jsonl", record)
+    if write:
+        append_jsonl(run_dir / "metrics.jsonl", record)
     return record

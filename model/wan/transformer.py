@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.utils.checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts, noop_context_fn
 from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel, WanTransformerBlock
 
@@ -138,6 +139,9 @@ class WanDiT(WanTransformer3DModel):
         self.attention_backend = "sdpa"
         self.fused_elementwise = False  # set_fused_elementwise: compiled norms / modulation / RoPE
         self.autocast_dtype: torch.dtype | None = None  # set for mixed-precision training
+        # the dtype a wrapper gathers the parameters in for compute (FSDP's MixedPrecisionPolicy); None: their own
+        self.wrapped_param_dtype: torch.dtype | None = None
+        self.checkpoint_policy = "full"  # with gradient checkpointing: "full" or "save_attention" (see _checkpointed)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -249,7 +253,7 @@ class WanDiT(WanTransformer3DModel):
     @property
     def compute_dtype(self) -> torch.dtype:
         """The dtype the forward computes in: the autocast dtype if set, else the parameters'."""
-        return self.autocast_dtype or self.patch_embedding.weight.dtype
+        return self.autocast_dtype or self.wrapped_param_dtype or self.patch_embedding.weight.dtype
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, **kwargs) -> torch.Tensor:
         """Inputs in any float dtype; the output comes back in x's dtype.
@@ -330,4 +334,23 @@ class WanDiT(WanTransformer3DModel):
             write, first[0] = first[0], False
             return block(tokens, e, text, rope, spec, layer, past=past, write=write)
 
-        return torch.utils.checkpoint.checkpoint(run, tokens, e, text, past, use_reentrant=False)
+        context_fn = _save_attention_context if self.checkpoint_policy == "save_attention" else noop_context_fn
+        return torch.utils.checkpoint.checkpoint(run, tokens, e, text, past, use_reentrant=False, context_fn=context_fn)
+
+
+# Selective checkpointing: attention is most of a block's FLOPs at video lengths but its output is only
+# [B, L, heads, head_dim] (+ log-sum-exp), so keep it and recompute the projections and elementwise ops.
+_ATTENTION_OPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+
+def _save_attention_policy(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _save_attention_context():
+    return create_selective_checkpoint_contexts(_save_attention_policy)

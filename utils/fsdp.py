@@ -1,0 +1,128 @@
+"""FSDP2 for a distillation run: a device mesh, then `fully_shard` per transformer block and at the root.
+
+Applied to built networks before their optimisers exist (torchtitan's `parallelize` order); the
+model files know nothing about it. Every network with parameters is sharded the same way: the
+generator, the critic (fake score), the frozen teacher (real score) and the text encoder. Networks
+without parameters (the toy world's exact teacher and word-vector text encoder) have nothing to
+shard and stay as they are.
+
+- Mesh: `fsdp.replicate` x `fsdp.shard` ranks. One dimension (replicate = 1) is plain FSDP; two
+  are hybrid sharding (HSDP): each group of `shard` consecutive ranks (the GPUs of a node, as
+  torchrun numbers them) holds one sharded copy, and gradients are all-reduced across the copies.
+- Precision: trained networks keep fp32 sharded master weights; with model.dtype=bfloat16 each
+  block is gathered in bf16 for compute (MixedPrecisionPolicy) and gradients are reduced in fp32.
+  Forward inputs are not cast by FSDP: the model casts x and the text itself and keeps timesteps
+  and RoPE in fp32 (FSDP's cast would round timestep 937.5 to 936 in bf16).
+- `fsdp.reshard_after_forward.<network>`: free the gathered weights after each forward (least
+  memory) or keep them until the backward (frozen networks: for good, i.e. a full replica).
+- `fsdp.cpu_offload.{teacher,text_encoder}`: their shards live in pinned CPU memory.
+
+A single process is world size 1 of the same code: train.py gives it a one-rank process group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+from utils.distributed import Dist
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+# config name -> the method's attribute holding that network
+NETWORKS = {"generator": "generator", "critic": "fake_score", "teacher": "real_score", "text_encoder": "text_encoder"}
+TRAINED = ("generator", "critic")
+
+
+def mesh_shape(replicate: int, shard: int | None, world_size: int) -> tuple[int, int]:
+    """(replicate, shard) for a world size, with errors that name the keys to fix."""
+    if replicate < 1 or world_size % replicate:
+        raise ValueError(
+            f"fsdp.replicate={replicate} must be >= 1 and divide the world size {world_size} "
+            "(replicate = number of nodes for hybrid sharding, 1 for plain FSDP)"
+        )
+    shard = world_size // replicate if shard is None else shard
+    if replicate * shard != world_size:
+        raise ValueError(
+            f"fsdp.replicate x fsdp.shard = {replicate} x {shard} = {replicate * shard}, but the world size is "
+            f"{world_size}; set fsdp.shard to the GPUs per node (or null: world size / replicate)"
+        )
+    return replicate, shard
+
+
+def build_mesh(fsdp_cfg, dist: Dist) -> DeviceMesh:
+    """The 1-D (shard) or 2-D (replicate, shard) mesh of all ranks; needs a process group."""
+    replicate, shard = mesh_shape(fsdp_cfg.replicate, fsdp_cfg.shard, dist.world_size)
+    if replicate == 1:
+        return init_device_mesh(dist.device.type, (shard,), mesh_dim_names=("shard",))
+    return init_device_mesh(dist.device.type, (replicate, shard), mesh_dim_names=("replicate", "shard"))
+
+
+def block_modules(net: nn.Module) -> list[nn.Module]:
+    """The network's transformer blocks: modules whose class its `_no_split_modules` name (diffusers and
+    transformers declare them: WanTransformerBlock, UMT5Block), outermost only."""
+    names: set[str] = set()
+    for m in net.modules():
+        names.update(getattr(m, "_no_split_modules", None) or ())
+    blocks: list[nn.Module] = []
+    inside: set[int] = set()
+    for m in net.modules():  # parents come before their children
+        if id(m) in inside:
+            inside.update(id(c) for c in m.children())
+            continue
+        if any(c.__name__ in names for c in type(m).__mro__):
+            blocks.append(m)
+            inside.update(id(c) for c in m.children())
+    return blocks
+
+
+def shard_network(net: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype | None,
+                  reshard_after_forward: bool, cpu_offload: bool) -> nn.Module:
+    """`fully_shard` each block, then the root (which takes the remaining parameters: embeddings, heads)."""
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    kwargs = dict(mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
+                  offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
+    for block in block_modules(net):
+        fully_shard(block, **kwargs)
+    fully_shard(net, **kwargs)
+    return net
+
+
+def shard_method(method: nn.Module, cfg, mesh: DeviceMesh) -> None:
+    """Shard the method's networks in place (before building optimisers: they must hold the shards)."""
+    fsdp = cfg.fsdp
+    compute = DTYPES[cfg.model.dtype]
+    for name, attr in NETWORKS.items():
+        net = getattr(method, attr)
+        offload = bool(fsdp.cpu_offload[name]) if name in fsdp.cpu_offload else False
+        if not any(True for _ in net.parameters()):
+            if offload:
+                raise ValueError(
+                    f"fsdp.cpu_offload.{name}=true, but the {name} ({type(net).__name__}) has no parameters to "
+                    "offload; set it to false"
+                )
+            continue
+        if offload and mesh.device_type != "cuda":
+            raise ValueError(f"fsdp.cpu_offload.{name}=true needs CUDA (it moves shards off the GPU); set it to false")
+        trained = name in TRAINED
+        # trained: fp32 master shards gathered in model.dtype; frozen: already stored in model.dtype
+        param_dtype = compute if trained and compute != torch.float32 else None
+        shard_network(net, mesh, param_dtype=param_dtype, reshard_after_forward=bool(fsdp.reshard_after_forward[name]),
+                      cpu_offload=offload)
+        if trained and hasattr(net, "autocast_dtype"):
+            net.autocast_dtype = None  # FSDP gathers bf16 weights: no autocast on top
+            net.wrapped_param_dtype = param_dtype
+
+
+def reshard(module: nn.Module) -> None:
+    """Free gathered weights of every FSDP unit, so that the next forward gathers the current shards
+    (needed after writing shards outside the optimiser, e.g. swapping in EMA weights)."""
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def is_sharded(module: nn.Module) -> bool:
+    return isinstance(module, FSDPModule)
