@@ -27,7 +27,8 @@ WAN_1_3B = dict(
 )
 
 
-def main(root: str) -> None:
+def main(root: str, transformer: bool = True) -> None:
+    """Write the folder; transformer=False leaves out transformer/ (callers that build the DiT in memory)."""
     root = Path(root)
     torch.manual_seed(0)
     _tokenizer().save_pretrained(root / "tokenizer")
@@ -35,7 +36,8 @@ def main(root: str) -> None:
                       relative_attention_num_buckets=32, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
     UMT5EncoderModel(text).to(torch.bfloat16).save_pretrained(root / "text_encoder")
     AutoencoderKLWan().save_pretrained(root / "vae")  # the default config is Wan2.1's VAE
-    WanTransformer3DModel(**WAN_1_3B).save_pretrained(root / "transformer")
+    if transformer:
+        WanTransformer3DModel(**WAN_1_3B).save_pretrained(root / "transformer")
     print(root)
 
 

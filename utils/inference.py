@@ -29,8 +29,10 @@ from tqdm import tqdm
 
 from model.base import MethodConfig
 from model.schedule import FlowSchedule
+from model.wan.kv_cache import CrossAttnCache, KVCache
 from model.wan.transformer import WanDiT
 from model.wan.weights import SELF_FORCING_KEYS, WeightMismatchError, load_strict, read_state_dict
+from pipeline.cuda_graphs import ChunkGraphs
 from pipeline.rollout import rollout
 from utils.build import DTYPES, backbone_config, pick_device
 from utils.checkpoint import CheckpointManager, find_checkpoint
@@ -39,6 +41,7 @@ from utils.distributed import all_gather_object, barrier, broadcast_object, init
 from utils.evaluation import EVAL_PHASE, EVAL_STEP, long_pattern  # EVAL_*: training's evaluation noise key
 from utils.data import PromptFile
 from utils.sample_rng import SampleRNG, mix_seed
+from utils.speed import SpeedSchema, apply_levers, resolve_levers
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,7 @@ class InferenceSchema:
     save_latents: bool = False
     fps: int = 16
     device: str = "auto"
+    speed: SpeedSchema = field(default_factory=SpeedSchema)
     method: MethodSchema = field(default_factory=MethodSchema)
     model: ModelSchema = field(default_factory=ModelSchema)
     data: DataSchema = field(default_factory=DataSchema)
@@ -183,11 +187,29 @@ class Student:
     latent_shape: tuple
     world: Any = None  # the toy world, for ground-truth metrics
     match_threshold: float | None = None
+    runner: Any = None  # what the rollout calls: the generator, or its CUDA graphs (utils/speed.py)
+    decode_stream: Any = None  # a CUDA stream that chunks decode on, overlapping the generator; None: in line
 
     def __post_init__(self):
         self.schedule = FlowSchedule(self.cfg.timestep_shift)
         self.steps = self.schedule.denoising_steps(self.cfg.denoising_step_list, self.cfg.warp_denoising_step)
         self.pattern = self.cfg.pattern
+        self.runner = self.runner or self.generator
+        self._caches: tuple = (None, None, None)  # (key, KVCache, CrossAttnCache), kept across batches
+
+    def caches(self, batch: int, num_frames: int, pattern, latent_hw) -> tuple[KVCache, CrossAttnCache]:
+        """Static KV and cross-attention caches, reset, reused while the batch and clip shape stay."""
+        key = (batch, num_frames, pattern, tuple(latent_hw))
+        if self._caches[0] != key:
+            if isinstance(self.runner, ChunkGraphs):  # graphs captured against the old caches
+                self.runner.clear()
+            self._caches = (None, None, None)  # free the old cache before allocating the new one
+            kv = KVCache.for_model(self.generator, pattern, batch_size=batch, latent_hw=latent_hw, max_frames=num_frames)
+            self._caches = (key, kv, CrossAttnCache(self.generator.config.num_layers))
+        _, kv, cross = self._caches
+        kv.reset()
+        cross.reset()
+        return kv, cross
 
     @property
     def device(self) -> torch.device:
@@ -205,7 +227,8 @@ def method_of(node: DictConfig) -> MethodConfig:
     return MethodConfig(**{k: v for k, v in OmegaConf.to_container(node.method).items() if k in known})
 
 
-def build_student(node: DictConfig, method: MethodConfig, source: Source, device: torch.device, world=None) -> Student:
+def build_student(node: DictConfig, method: MethodConfig, source: Source, device: torch.device, world=None,
+                  speed=None) -> Student:
     m = node.model
     generator = WanDiT(**backbone_config(node))
     if source.step_dir is not None:  # the raw generator from the DCP resume state
@@ -218,7 +241,9 @@ def build_student(node: DictConfig, method: MethodConfig, source: Source, device
     vae = instantiate(m.vae).eval().requires_grad_(False).to(device)
     metrics = node.data.get("metrics")
     threshold = metrics.match_threshold if world is not None and metrics is not None else None
-    return Student(generator, text_encoder, vae, method, tuple(m.latent_shape), world, threshold)
+    levers = resolve_levers(speed if speed is not None else SpeedSchema(), device, m.attention_backend)
+    runner, stream = apply_levers(generator, vae, levers)
+    return Student(generator, text_encoder, vae, method, tuple(m.latent_shape), world, threshold, runner, stream)
 
 
 # ---------------------------------------------------------------------------- the items
@@ -306,34 +331,69 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _Clock:
+    """Seconds since `start`, read at the end: CUDA events on the GPU (no host sync inside the loop),
+    the host clock elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.start = self._mark()
+
+    def _mark(self, stream=None):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(stream)
+        return event
+
+    def mark(self, stream=None):
+        return self._mark(stream)
+
+    def seconds(self, mark) -> float:  # after a sync
+        return self.start.elapsed_time(mark) / 1000 if self.cuda else mark - self.start
+
+
 @torch.no_grad()
 def generate(student: Student, items: list[Item], num_frames: int, noise: torch.Tensor | None = None):
     """One batch: (latents [B, F, C, H, W], pixels [B, F', C', H', W'] float32 CPU, timing).
 
-    The rollout's on_chunk hands each chunk to the stream decoder; `first_chunk_s` is the time from
-    the start of the batch to its first decoded chunk, measured after a device sync."""
+    The rollout's on_chunk hands each chunk to the stream decoder (on `student.decode_stream` when
+    set, overlapping the next chunk's generator calls); `first_chunk_s` is the time from the start
+    of the batch until the first chunk's frames are decoded."""
     device = student.device
     _sync(device)
     start = time.perf_counter()
+    clock = _Clock(device)
     rng = SampleRNG([it.noise_key for it in items], device)
     x = rng.randn((len(items), num_frames, *student.latent_shape))  # drawn even when replaced: the streams stay aligned
     if noise is not None:
         x = noise.to(device=device, dtype=x.dtype)
     pattern = student.pattern if num_frames <= student.cfg.num_training_frames else long_pattern(student)
+    kv_cache, cross = student.caches(len(items), num_frames, pattern, x.shape[-2:])
     decoder = student.vae.stream_decoder(len(items))
+    stream = student.decode_stream
     pixels, first = [], []
 
     def on_chunk(_start: int, x0: torch.Tensor) -> None:
-        pixels.append(decoder.decode(x0))
+        if stream is None:
+            pixels.append(decoder.decode(x0))
+        else:
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                pixels.append(decoder.decode(x0))
+            x0.record_stream(stream)
         if not first:
-            _sync(device)
-            first.append(time.perf_counter() - start)
+            first.append(clock.mark(stream))
 
-    out = rollout(student.generator, x, student.encode([it.prompt for it in items]), student.steps, pattern,
-                  schedule=student.schedule, context_noise=student.cfg.context_noise, rng=rng, on_chunk=on_chunk)
+    out = rollout(student.runner, x, student.encode([it.prompt for it in items]), student.steps, pattern,
+                  schedule=student.schedule, context_noise=student.cfg.context_noise, rng=rng, on_chunk=on_chunk,
+                  kv_cache=kv_cache, crossattn_cache=cross)
+    if stream is not None:
+        torch.cuda.current_stream().wait_stream(stream)
     video = torch.cat(pixels, dim=1).float().cpu()  # .cpu() waits for the device
     _sync(device)
-    return out.video.float().cpu(), video, {"first_chunk_s": first[0], "seconds": time.perf_counter() - start}
+    timing = {"first_chunk_s": clock.seconds(first[0]), "seconds": time.perf_counter() - start}
+    return out.video.float().cpu(), video, timing
 
 
 def _replace_into(final: Path, write) -> None:
@@ -387,7 +447,7 @@ def prepare(cfg: DictConfig, overrides: list[str], device: torch.device) -> Plan
     check_num_frames(num_frames, method, backbone_config(node))
     shape = (len(items), num_frames, *node.model.latent_shape)
     noise = read_noise(cfg.noise, shape) if cfg.noise else None
-    student = build_student(node, method, source, device, world)
+    student = build_student(node, method, source, device, world, cfg.speed)
     if hasattr(student.text_encoder, "tokenize"):  # unknown words fail now, not after some videos are written
         for prompt in {it.prompt for it in items}:
             student.text_encoder.tokenize(prompt)

@@ -1,0 +1,114 @@
+"""Speed levers on the CPU (tiny sizes): the levers that exist here give the plain path's numbers,
+caches are reused exactly across batches, and the CUDA-only levers refuse to run without CUDA."""
+
+import pytest
+import torch
+
+from model.base import MethodConfig
+from model.wan.attention import CausalPattern, attention
+from model.wan.kv_cache import CrossAttnCache, KVCache
+from model.wan.text_encoder import WanTextEncoder
+from model.wan.transformer import WanDiT
+from model.wan.vae import WanVAE
+from tests.wan_folder import TRANSFORMER, tiny_wan_folder  # noqa: F401  (a fixture)
+from tests.wan_tiny import randomize
+from utils.inference import Item, Student, generate
+from utils.speed import SpeedSchema, apply_levers, resolve_levers
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a shared 2-core machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def student(folder, **levers) -> Student:
+    torch.manual_seed(0)
+    generator = randomize(WanDiT(**TRANSFORMER), seed=3).eval().requires_grad_(False)
+    vae = WanVAE(str(folder), dtype="float32")
+    text = WanTextEncoder(str(folder), text_len=8, dtype="float32").eval()
+    runner, stream = apply_levers(generator, vae, resolve_levers({**vars(SpeedSchema()), **levers}, CPU))
+    cfg = MethodConfig(num_frame_per_block=2, num_training_frames=4)
+    return Student(generator, text, vae, cfg, (4, 8, 8), runner=runner, decode_stream=stream)
+
+
+def test_levers_default_off_on_cpu_and_cuda_only_levers_refuse_it():
+    assert not any(resolve_levers(SpeedSchema(), CPU).values())
+    assert all(resolve_levers(SpeedSchema(), torch.device("cuda")).values())
+    # flash_attn chosen by the model: cuDNN stays off by default, and true is a conflict
+    assert not resolve_levers(SpeedSchema(), torch.device("cuda"), "flash_attn")["cudnn_attention"]
+    with pytest.raises(ValueError, match="model.attention_backend=flash_attn"):
+        resolve_levers(SpeedSchema(cudnn_attention=True), torch.device("cuda"), "flash_attn")
+    for lever in ("cudnn_attention", "cuda_graphs", "cudnn_benchmark", "decode_stream"):
+        with pytest.raises(ValueError, match=f"speed.{lever}=true needs a CUDA device"):
+            resolve_levers(SpeedSchema(**{lever: True}), CPU)
+    levers = resolve_levers(SpeedSchema(fused_elementwise=True, vae_channels_last=True), CPU)
+    assert levers["fused_elementwise"] and levers["vae_channels_last"] and not levers["cuda_graphs"]
+
+
+def test_cudnn_attention_refuses_cpu_tensors():
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="'cudnn' runs on CUDA"):
+        attention(q, q, q, "cudnn")
+
+
+def test_vae_channels_last_stream_decode_equals_plain(tiny_wan_folder):
+    vae = WanVAE(str(tiny_wan_folder), dtype="float32")
+    latents = torch.randn(1, 5, 4, 6, 10, generator=torch.Generator().manual_seed(0))
+
+    def streamed():
+        decoder = vae.stream_decoder(1)
+        return torch.cat([decoder.decode(latents[:, :2]), decoder.decode(latents[:, 2:])], dim=1)
+
+    plain = streamed()
+    vae.set_channels_last(True)
+    assert vae.model.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    fast = streamed()
+    vae.set_channels_last(False)
+    err = ((fast - plain).abs().max() / plain.abs().max()).item()
+    assert plain.shape == (1, 17, 3, 48, 80) and err <= 1e-5, err
+
+
+def test_filled_cross_cache_and_reused_memory_give_the_same_chunks():
+    torch.manual_seed(0)
+    model = randomize(WanDiT(**TRANSFORMER), seed=1).eval()
+    pattern = CausalPattern(2)
+    x = torch.randn(2, 4, 4, 6, 8)
+    t = torch.rand(2, 4) * 1000
+    contexts = [torch.randn(2, 5, TRANSFORMER["text_dim"]) for _ in range(2)]
+    kv = KVCache.for_model(model, pattern, batch_size=2, latent_hw=(6, 8), max_frames=4)
+    cross = CrossAttnCache(model.config.num_layers)
+
+    def chunks(ctx, prefill: bool):
+        kv.reset()
+        cross.reset()
+        if prefill:
+            model.fill_crossattn_cache(ctx, cross)
+        return torch.cat([model(x[:, f : f + 2], t[:, f : f + 2], ctx, kv_cache=kv, frame_offset=f, crossattn_cache=cross)
+                          for f in (0, 2)], dim=1)
+
+    with torch.no_grad():
+        first = chunks(contexts[0], prefill=False)  # the first chunk call stores the text K/V
+        pointers = (cross.context.data_ptr(), cross.kv[0][0].data_ptr(), cross.kv[1][1].data_ptr())
+        second = chunks(contexts[1], prefill=True)  # another prompt batch, copied into the same memory
+        assert (cross.context.data_ptr(), cross.kv[0][0].data_ptr(), cross.kv[1][1].data_ptr()) == pointers
+        again = chunks(contexts[0], prefill=True)
+        whole = model(x, t, contexts[1], causal=pattern)
+    assert torch.equal(again, first)
+    assert not torch.allclose(second, first)
+    assert ((second - whole).abs().max() / whole.abs().max()).item() <= 1e-5
+
+
+def test_generate_reuses_its_caches_exactly(tiny_wan_folder):
+    items = [[Item(0, "a red circle moving left", 0, "a"), Item(1, "a blue square", 1, "b")],
+             [Item(2, "a cat on the street", 5, "c"), Item(3, "a green car moving up", 7, "d")]]
+    kept = student(tiny_wan_folder)
+    for batch in items:
+        latents, pixels, timing = generate(kept, batch, 4)
+        fresh_latents, fresh_pixels, _ = generate(student(tiny_wan_folder), batch, 4)
+        assert torch.equal(latents, fresh_latents) and torch.equal(pixels, fresh_pixels)
+        assert pixels.shape == (2, 13, 3, 64, 64) and 0 < timing["first_chunk_s"] <= timing["seconds"]

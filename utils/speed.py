@@ -1,0 +1,70 @@
+"""Inference speed levers: each one a config flag (`speed.*` in configs/inference.yaml), each exact.
+
+Every lever leaves the outputs those of the plain path up to bf16 rounding (tests/test_speed.py on
+the CPU, tests/test_speed_gpu.py on the GPU), and scripts/bench_inference.py measures each one.
+`null` means "on when running on CUDA": the levers that exist only there raise a clear error when
+set to true on another device instead of silently doing nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SpeedSchema:
+    """configs/inference.yaml's `speed:` block; each key: null (on for CUDA) | true | false."""
+
+    cudnn_attention: Optional[bool] = None  # unmasked SDPA pinned to cuDNN's fused attention (when model.attention_backend=sdpa)
+    fused_elementwise: Optional[bool] = None  # torch.compile the blocks' norms, modulation, RoPE, gated residuals
+    cuda_graphs: Optional[bool] = None  # capture one CUDA graph per chunk position and replay it
+    vae_channels_last: Optional[bool] = None  # channels-last 3-D convolutions in the VAE decoder
+    cudnn_benchmark: Optional[bool] = None  # let cuDNN time its convolution algorithms once per shape
+    decode_stream: Optional[bool] = None  # decode each chunk on a second CUDA stream, overlapping the DiT
+
+
+LEVERS = tuple(f.name for f in fields(SpeedSchema))
+CUDA_ONLY = ("cudnn_attention", "cuda_graphs", "cudnn_benchmark", "decode_stream")
+
+
+def resolve_levers(speed, device: torch.device, attention_backend: str = "sdpa") -> dict[str, bool]:
+    """{lever: on?} from the config (a SpeedSchema, a DictConfig or a dict) for `device`."""
+    values = {name: speed[name] if isinstance(speed, dict) else getattr(speed, name) for name in LEVERS}
+    levers = {}
+    for name, value in values.items():
+        if value is None:
+            value = device.type == "cuda" and not (name == "cudnn_attention" and attention_backend != "sdpa")
+        elif value and name in CUDA_ONLY and device.type != "cuda":
+            raise ValueError(f"speed.{name}=true needs a CUDA device, but inference runs on {device}; set it to false or null")
+        levers[name] = bool(value)
+    if levers["cudnn_attention"] and attention_backend != "sdpa":
+        raise ValueError(
+            f"speed.cudnn_attention=true pins SDPA to cuDNN, but model.attention_backend={attention_backend}; "
+            "choose one: model.attention_backend=sdpa or speed.cudnn_attention=false"
+        )
+    return levers
+
+
+def apply_levers(generator, vae, levers: dict[str, bool]):
+    """Switch the levers on the generator and the VAE; returns (runner, decode_stream): the callable
+    the rollout calls (the generator or its CUDA graphs) and the stream chunks decode on (or None)."""
+    from pipeline.cuda_graphs import ChunkGraphs
+
+    if levers["cudnn_attention"]:
+        generator.set_attention_backend("cudnn")
+    generator.set_fused_elementwise(levers["fused_elementwise"])
+    if hasattr(vae, "set_channels_last"):
+        vae.set_channels_last(levers["vae_channels_last"])
+    elif levers["vae_channels_last"]:
+        raise ValueError(f"speed.vae_channels_last=true, but {type(vae).__name__} has no convolutions to lay out; set it to false")
+    torch.backends.cudnn.benchmark = levers["cudnn_benchmark"]  # process-wide, as cuDNN's autotuner is
+    runner = ChunkGraphs(generator) if levers["cuda_graphs"] else generator
+    stream = torch.cuda.Stream(priority=-1) if levers["decode_stream"] else None  # high priority: frames out first
+    log.info("speed levers: %s", ", ".join(f"{k}={'on' if v else 'off'}" for k, v in levers.items()))
+    return runner, stream
