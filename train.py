@@ -101,8 +101,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
 def _train(cfg: DictConfig, run_dir: Path, dist) -> dict:
     device = pick_device(cfg, dist.local_rank)
-    seed_everything(cfg.seed, dist.rank)
+    seed_everything(cfg.seed, 0)  # random initial weights: the same on every rank, as each keeps its own shard
     method = build_method(cfg, device)
+    seed_everything(cfg.seed, dist.rank)
     shard_method(method, cfg, build_mesh(cfg.fsdp, dist))  # before the optimizers, which must hold the shards
     accumulation = config_schema.accumulation_steps(cfg, dist.world_size)
     is_causvid = cfg.method._target_.endswith("CausVid")

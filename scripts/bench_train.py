@@ -1,10 +1,15 @@
-"""Time one generator step and one critic step of a training config on one GPU, with peak memory.
+"""Time generator steps and critic steps of a training config through the trainer's FSDP2 wrapping.
 
-  python scripts/bench_train.py experiment=self_forcing_dmd model.path=/tmp/wan-1.3b-random \
-      data.prompts.path=/tmp/prompts.txt --steps 2
+  torchrun --nproc_per_node=NUM_GPUS scripts/bench_train.py experiment=self_forcing_dmd \
+      model.path=/tmp/wan-1.3b-random data.prompts.path=/tmp/prompts.txt --steps 4
 
-Each step is the trainer's own `step_update` (rollout or sampling, loss, backward, clip, AdamW);
-the first step of each kind is warm-up, the rest are timed with device synchronisation.
+(`python scripts/bench_train.py ...` is world size 1 of the same code.) The networks are built and
+sharded exactly as train.py does (build_method, shard_method on the fsdp.* mesh); each step is the
+trainer's own `step_update` (rollout or sampling, loss, backward, clip, AdamW) on its own batch of
+`batch_size` prompts per rank. The first step of each kind is warm-up (kernels, compilation); the
+rest are timed with device synchronisation. Printed on rank 0, as JSON: median step times per kind,
+every step's time and exit step, peak memory per GPU, and tokens/s (latent tokens of the training
+clips, num_training_frames x tokens per frame, of the global batch, per second of that step kind).
 """
 
 from __future__ import annotations
@@ -26,44 +31,85 @@ from hydra.utils import instantiate  # noqa: E402
 import train  # noqa: E402
 from utils.build import Batches, build_method, build_optimizer, pick_device  # noqa: E402
 from utils.config import validate  # noqa: E402
-from utils.distributed import init_distributed  # noqa: E402
+from utils.distributed import all_gather_object, destroy, init_distributed, single_process_group  # noqa: E402
+from utils.fsdp import build_mesh, mesh_shape, shard_method  # noqa: E402
+from utils.rng import seed_everything  # noqa: E402
+
+
+def clip_tokens(cfg, method) -> int:
+    """Latent tokens of one training clip: frames x (H / patch) x (W / patch)."""
+    _, p_h, p_w = method.generator.config.patch_size
+    _, height, width = method.latent_shape
+    return cfg.method.num_training_frames * (height // p_h) * (width // p_w)
+
+
+def bench(cfg, dist, steps: int) -> dict:
+    device = pick_device(cfg, dist.local_rank)
+    cuda = device.type == "cuda"
+    seed_everything(cfg.seed, 0)  # random weights (model.path folders hold fixed ones): the same on every rank
+    method = build_method(cfg, device)
+    shard_method(method, cfg, build_mesh(cfg.fsdp, dist))
+    batches = Batches(instantiate(cfg.data.prompts), cfg.batch_size, dist.world_size, 1)
+    global_tokens = clip_tokens(cfg, method) * cfg.batch_size * dist.world_size
+    result = {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "world_size": dist.world_size,
+        "mesh": list(mesh_shape(cfg.fsdp.replicate, cfg.fsdp.shard, dist.world_size)),
+        "overrides": None,
+        "weights_gib": torch.cuda.memory_allocated() / 2**30 if cuda else None,
+        "tokens_per_clip": clip_tokens(cfg, method),
+    }
+    for phase, net, optim_cfg in (("generator", method.generator, cfg.generator_optim),
+                                  ("critic", method.fake_score, cfg.critic_optim)):
+        opt, sched = build_optimizer(net.parameters(), optim_cfg, steps)
+        times, exits = [], []
+        for step in range(steps):
+            ids = batches.sample_ids(step, 0, dist.rank)
+            method.reseed(cfg.seed, step, phase, ids)  # the draws step_update will make (it reseeds the same way)
+            exits.append(method.plan_rollout()[1][0])
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            logs = train.step_update(method, phase, net, opt, sched, batches, step, cfg, dist, 1)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+            if dist.is_main:
+                print(phase, step, f"exit step {exits[-1]}", f"{times[-1]:.2f} s",
+                      {k: round(v, 4) for k, v in logs.items()}, flush=True)
+        median = statistics.median(times[1:]) if len(times) > 1 else times[0]
+        result[f"{phase}_step_s"] = median
+        result[f"{phase}_step_all_s"] = [round(t, 3) for t in times]
+        result[f"{phase}_exit_steps"] = exits
+        result[f"{phase}_tokens_per_s"] = global_tokens / median
+        result[f"{phase}_tokens_per_s_per_gpu"] = global_tokens / median / dist.world_size
+    if cuda:
+        peaks = all_gather_object((torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30))
+        result["peak_allocated_gib_per_gpu"] = [round(a, 2) for a, _ in peaks]
+        result["peak_reserved_gib_per_gpu"] = [round(r, 2) for _, r in peaks]
+    return result
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=3, help="steps of each kind, the first one warm-up")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="also write the JSON result here (rank 0)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"):
         cfg = compose("config", overrides=["total_batch_size=null", *args.overrides])
     validate(cfg)
     dist = init_distributed()
-    device = pick_device(cfg, dist.local_rank)
-    method = build_method(cfg, device)
-    batches = Batches(instantiate(cfg.data.prompts), cfg.batch_size, dist.world_size, 1)
-    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "world_size": dist.world_size,
-              "weights_gib": torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else None}
-    for phase, net, optim_cfg in (("generator", method.generator, cfg.generator_optim),
-                                  ("critic", method.fake_score, cfg.critic_optim)):
-        opt, sched = build_optimizer(net.parameters(), optim_cfg, args.steps)
-        times = []
-        for step in range(args.steps):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            logs = train.step_update(method, phase, net, opt, sched, batches, step, cfg, dist, 1)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-            print(phase, step, f"{times[-1]:.2f} s", {k: round(v, 4) for k, v in logs.items()}, flush=True)
-        result[f"{phase}_step_s"] = statistics.median(times[1:]) if len(times) > 1 else times[0]
-        result[f"{phase}_step_all_s"] = times
-    if device.type == "cuda":
-        result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    print(json.dumps(result, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    single_process_group(dist)
+    try:
+        result = bench(cfg, dist, args.steps)
+    finally:
+        destroy()
+    result["overrides"] = args.overrides
+    if dist.is_main:
+        print(json.dumps(result, indent=2))
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,159 @@
+"""FSDP2 training on the toy world with 2 gloo ranks == 1 process with the same total batch; a
+2-rank DCP checkpoint resumes at world size 1; hybrid sharding (2 x 1 mesh); config errors.
+
+The draws of a global batch do not depend on how it is split (noise per sample index, host choices
+broadcast), so the only differences are float summation orders: the reduce-scatter's average of two
+half-batch gradients against one whole-batch gradient, and sharded against whole-tensor norms.
+"""
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+import train
+from tests.train_setup import compose_config
+from utils.config import validate
+
+# Losses and weights agree to float32 rounding compounded over 4 AdamW steps (measured: losses within
+# 8e-8 relative); the bound leaves a margin for other CPUs' summation orders.
+RTOL = 1e-5
+
+COMMON = ("max_steps=4", "checkpoint.every=2", "logger.every=1", "ema_start_step=1", "eval.at_start=false")
+
+
+def losses(run_dir: Path) -> dict[int, dict[str, float]]:
+    """Per step, the logged losses (log.jsonl rows of rank 0)."""
+    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return {r["step"]: {k: v for k, v in r.items() if k.endswith("_loss")} for r in rows if "critic_loss" in r}
+
+
+def flat_checkpoint(step_dir: Path, out: Path) -> dict[str, torch.Tensor]:
+    dcp_to_torch_save(step_dir, out)
+    flat = {}
+
+    def walk(prefix, tree):
+        if isinstance(tree, torch.Tensor):
+            flat[prefix] = tree
+        elif isinstance(tree, dict):
+            for k, v in tree.items():
+                walk(f"{prefix}.{k}", v)
+
+    walk("", torch.load(out, weights_only=False))
+    return flat
+
+
+def worker(rank, world, port, runs):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    for run_dir, overrides in runs:
+        cfg = compose_config(*overrides)
+        validate(cfg)
+        train.train(cfg, Path(run_dir))
+    torch.distributed.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Batch 2 on one process; batch 1 on each of 2 ranks (FSDP, then HSDP); a resume at world size 1."""
+    root = tmp_path_factory.mktemp("fsdp")
+    two_rank = [(root / "fsdp2", ["batch_size=1", *COMMON]),
+                (root / "hsdp2", ["batch_size=1", "fsdp.replicate=2", *COMMON])]
+    mp.spawn(worker, args=(2, free_port(), two_rank), nprocs=2, join=True)
+    for name, extra in (("single", []), ("resumed", [f"resume={root / 'fsdp2' / 'checkpoints' / 'step_000002'}"])):
+        cfg = compose_config("batch_size=2", *COMMON, *extra)
+        validate(cfg)
+        train.train(cfg, root / name)
+    return root
+
+
+def assert_close_losses(a: dict, b: dict, steps):
+    for step in steps:
+        assert a[step].keys() == b[step].keys() and a[step], step
+        for k in a[step]:
+            assert a[step][k] == pytest.approx(b[step][k], rel=RTOL, abs=1e-6), (step, k, a[step][k], b[step][k])
+
+
+def test_two_ranks_give_the_losses_of_one_process(runs):
+    single = losses(runs / "single")
+    assert sorted(single) == [1, 2, 3, 4]
+    assert_close_losses(losses(runs / "fsdp2"), single, [1, 2, 3, 4])
+    assert_close_losses(losses(runs / "hsdp2"), single, [1, 2, 3, 4])
+    # the evaluation at the end ran under FSDP on both ranks and was written once
+    rows = [json.loads(line) for line in (runs / "fsdp2" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["source"] == "student"] == [4]
+
+
+def test_two_rank_checkpoint_resumes_at_world_size_one(runs, tmp_path):
+    meta = json.loads((runs / "fsdp2" / "checkpoints" / "step_000002" / "meta.json").read_text())
+    assert meta["world_size"] == 2
+    assert_close_losses(losses(runs / "resumed"), losses(runs / "fsdp2"), [3, 4])
+    a = flat_checkpoint(runs / "fsdp2" / "checkpoints" / "step_000004", tmp_path / "a.pt")
+    b = flat_checkpoint(runs / "resumed" / "checkpoints" / "step_000004", tmp_path / "b.pt")
+    assert a.keys() == b.keys() and any(k.startswith(".ema.shadow") for k in a)
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(b[k], a[k], rtol=RTOL, atol=1e-6, msg=k)
+    # the export is consolidated: whole tensors, shaped like the generator's
+    from safetensors.torch import load_file
+
+    export = load_file(runs / "fsdp2" / "checkpoints" / "step_000004" / "export" / "model.safetensors")
+    assert export.keys() == {k.removeprefix(".generator.") for k in a if k.startswith(".generator.")}
+    assert all(export[k].shape == a[f".ema.shadow.{k}"].shape for k in export)
+
+
+def test_mesh_and_offload_errors():
+    from utils.fsdp import mesh_shape
+
+    assert mesh_shape(1, None, 8) == (1, 8) and mesh_shape(2, None, 8) == (2, 4) and mesh_shape(2, 4, 8) == (2, 4)
+    with pytest.raises(ValueError, match="fsdp.replicate=3 must be >= 1 and divide the world size 8"):
+        mesh_shape(3, None, 8)
+    with pytest.raises(ValueError, match=r"fsdp.replicate x fsdp.shard = 2 x 2 = 4, but the world size is 8"):
+        mesh_shape(2, 2, 8)
+    with pytest.raises(ValueError, match="fsdp.replicate and fsdp.shard must be >= 1"):
+        validate(compose_config("fsdp.replicate=0"))
+    with pytest.raises(Exception, match="reshard_after_forward"):
+        compose_config("fsdp.reshard_after_forward.vae=false")
+    with pytest.raises(ValueError, match="model.checkpoint_policy must be one of"):
+        validate(compose_config("model.checkpoint_policy=some"))
+    cfg = compose_config("fsdp.cpu_offload.teacher=true", "max_steps=0")
+    with pytest.raises(ValueError, match="fsdp.cpu_offload.teacher=true, but the teacher .ExactTeacher. has no parameters"):
+        train.train(cfg, Path("/nonexistent-run-dir"))
+    assert not torch.distributed.is_initialized()  # the one-rank group of a single process is gone again
+
+
+def test_save_attention_checkpointing_gives_the_gradients_of_full_checkpointing():
+    """Selective checkpointing keeps attention outputs instead of recomputing them: same gradients."""
+    from model.wan.attention import CausalPattern
+    from model.wan.kv_cache import KVCache
+    from model.wan.transformer import WanDiT
+    from tests.wan_tiny import TINY, randomize
+
+    grads = {}
+    for policy in ("full", "save_attention"):
+        model = randomize(WanDiT(**TINY), 0)
+        model.enable_gradient_checkpointing()
+        model.checkpoint_policy = policy
+        g = torch.Generator().manual_seed(1)
+        x, ctx = torch.randn(1, 4, 4, 4, 4, generator=g), torch.randn(1, 5, 16, generator=g)
+        t = torch.rand(1, 4, generator=g) * 1000
+        loss = model(x, t, ctx).square().mean()  # bidirectional
+        cache = KVCache.for_model(model, CausalPattern(2), batch_size=1, latent_hw=(4, 4), max_frames=4)
+        for start in (0, 2):  # chunks through the KV cache, with grad
+            loss = loss + model(x[:, start:start + 2], t[:, start:start + 2], ctx, kv_cache=cache, frame_offset=start).mean()
+        loss.backward()
+        grads[policy] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for n, g in grads["full"].items():
+        torch.testing.assert_close(grads["save_attention"][n], g, rtol=1e-5, atol=1e-7, msg=n)
