@@ -44,12 +44,22 @@ def _launched_by_torchrun() -> bool:
     return bool(present)
 
 
+def _export_submitit_env() -> None:
+    """Under hydra-submitit-launcher (configs/hydra/launcher/slurm.yaml) every Slurm task is one rank:
+    give it the variables torchrun would have set, from SLURM's."""
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and "RANK" not in os.environ:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def init_distributed(device_type: str | None = None) -> Dist:
     """Join the torchrun process group (NCCL on CUDA, gloo on CPU); safe to call twice.
 
     `device_type` "cpu" forces gloo on a machine with GPUs (CPU tests, debugging); None picks
     CUDA when it is available.
     """
+    _export_submitit_env()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
