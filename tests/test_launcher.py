@@ -29,17 +29,21 @@ def test_slurm_launcher_config_composes(monkeypatch):
 
 
 def test_slurm_task_becomes_a_rank(monkeypatch):
+    import os
+
     from utils import distributed as D
 
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+    exported = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+    for key in exported:
         monkeypatch.delenv(key, raising=False)
     env = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "42", "SLURM_NTASKS": "16", "SLURM_PROCID": "9",
            "SLURM_LOCALID": "1", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "node[3-4]"}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    import os
-
-    D._export_submitit_env()
-    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("9", "16", "1")
-    assert os.environ["MASTER_ADDR"] == "node3" and 20000 <= int(os.environ["MASTER_PORT"]) <= 60000
-    # teardown removes the exported variables again: monkeypatch recorded them as absent above
+    try:
+        D._export_submitit_env()
+        assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("9", "16", "1")
+        assert os.environ["MASTER_ADDR"] == "node3" and 20000 <= int(os.environ["MASTER_PORT"]) <= 60000
+    finally:  # monkeypatch does not undo variables that were absent before: later tests would join "node3"
+        for key in exported:
+            os.environ.pop(key, None)
