@@ -35,9 +35,11 @@ from utils.warm_start import WarmStart  # noqa: E402
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def save(method, out: Path) -> None:
+def save(method, out: Path, train: set[str]) -> None:
+    """Write the trained networks (a network not trained keeps its file)."""
     out.mkdir(parents=True, exist_ok=True)
-    for name, net in (("ode_init", method.generator), ("denoiser", method.fake_score)):
+    files = {"generator": ("ode_init", method.generator), "critic": ("denoiser", method.fake_score)}
+    for name, net in (files[k] for k in sorted(train)):
         weights = {k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()}
         save_file(weights, str(out / f"{name}.safetensors.tmp"))
         (out / f"{name}.safetensors.tmp").replace(out / f"{name}.safetensors")
@@ -51,12 +53,22 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="assets/toy")
     p.add_argument("--resume", default=None, help="a folder with ode_init / denoiser .safetensors to continue from")
+    p.add_argument("--generator-init", default=None,
+                   help="start the generator from these weights (e.g. a denoiser, as Self Forcing starts its student from "
+                        "the teacher's weights); overrides --resume for the generator")
+    p.add_argument("--train", default="generator,critic",
+                   help="which networks to train (comma-separated); the others are saved as loaded")
     p.add_argument("overrides", nargs="*", help="Hydra overrides of the training config (model / data)")
     args = p.parse_args(argv)
 
     start_from = (["model.generator_init=" + str(Path(args.resume) / "ode_init.safetensors"),
                    "model.critic_init=" + str(Path(args.resume) / "denoiser.safetensors")] if args.resume
                   else ["model.generator_init=null", "model.critic_init=random"])
+    if args.generator_init:
+        start_from.append(f"model.generator_init={args.generator_init}")
+    train = set(args.train.split(","))
+    if not train or not train <= {"generator", "critic"}:
+        raise SystemExit(f"--train takes generator and/or critic, got {args.train!r}")
     overrides = [*start_from, f"batch_size={args.batch_size}",
                  f"seed={args.seed}", *args.overrides]
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
@@ -69,7 +81,7 @@ def main(argv=None) -> None:
     from hydra.utils import instantiate
 
     batches = Batches(instantiate(cfg.data.prompts), args.batch_size, 1, 1)
-    nets = {"generator": method.generator, "critic": method.fake_score}
+    nets = {k: v for k, v in (("generator", method.generator), ("critic", method.fake_score)) if k in train}
     optim_cfg = cfg.warm_start.optim.copy()
     optim_cfg.lr, optim_cfg.schedule = args.lr, "cosine"
     optims = {k: build_optimizer(net.parameters(), optim_cfg, args.steps) for k, net in nets.items()}
@@ -82,7 +94,7 @@ def main(argv=None) -> None:
         for phase, net in nets.items():
             if phase == "generator":
                 loss, _ = warm.generator_loss({**batch, "ode": ode})
-            else:
+            else:  # critic
                 loss, _ = warm.denoising_loss(ode[:, -1], warm.encode(batch["prompts"]))
             opt, sched = optims[phase]
             opt.zero_grad(set_to_none=True)
@@ -94,14 +106,14 @@ def main(argv=None) -> None:
         if step % 100 == 0 or step == args.steps - 1:
             print(f"step {step}: {report['loss']} ({time.time() - start:.0f} s)", flush=True)
         if (step + 1) % 500 == 0:
-            save(method, Path(args.out))
+            save(method, Path(args.out), train)
     world = method.real_score.world
     prompts = [p for p in world.prompts for _ in range(cfg.data.metrics.samples_per_prompt)]
     clips = sample(method, method.generator.eval(), prompts, world.num_frames, args.seed)
     report["generator_eval"] = {k: v for k, v in evaluate(clips, prompts, world).items() if k != "coverage_per_prompt"}
     report["seconds"] = time.time() - start
     out = Path(args.out)
-    save(method, out)
+    save(method, out, train)
     (out / "pretrain_report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps({k: report[k] for k in ("loss", "seconds")}), report["generator_eval"]["match_rate"])
 
