@@ -55,6 +55,8 @@ LADDER = [
     ("+cuda_graphs", {"cuda_graphs": True}),
     ("+vae_channels_last", {"vae_channels_last": True}),
     ("+cudnn_benchmark", {"cudnn_benchmark": True}),
+    ("+vae_fused_norm", {"vae_fused_norm": True}),
+    ("+vae_stacked_conv", {"vae_stacked_conv": True}),
     ("+decode_stream", {"decode_stream": True}),
 ]
 PROMPT = "a red car moving left on a street at sunset"

@@ -9,7 +9,7 @@ from model.wan.attention import CausalPattern, attention
 from model.wan.kv_cache import CrossAttnCache, KVCache
 from model.wan.text_encoder import WanTextEncoder
 from model.wan.transformer import WanDiT
-from model.wan.vae import WanVAE
+from model.wan.vae import WanVAE, rms_norm_silu
 from tests.wan_folder import TRANSFORMER, tiny_wan_folder  # noqa: F401  (a fixture)
 from tests.wan_tiny import randomize
 from utils.inference import Item, Student, generate
@@ -65,12 +65,21 @@ def test_vae_channels_last_stream_decode_equals_plain(tiny_wan_folder):
         return torch.cat([decoder.decode(latents[:, :2]), decoder.decode(latents[:, 2:])], dim=1)
 
     plain = streamed()
-    vae.set_channels_last(True)
+    for setter in ("set_channels_last", "set_stacked_convs"):  # each alone, then both
+        getattr(vae, setter)(True)
+        fast = streamed()
+        err = ((fast - plain).abs().max() / plain.abs().max()).item()
+        assert plain.shape == (1, 17, 3, 48, 80) and err <= 1e-5, (setter, err)
     assert vae.model.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last_3d)
-    fast = streamed()
     vae.set_channels_last(False)
-    err = ((fast - plain).abs().max() / plain.abs().max()).item()
-    assert plain.shape == (1, 17, 3, 48, 80) and err <= 1e-5, err
+    fast = streamed()
+    vae.set_stacked_convs(False)
+    assert ((fast - plain).abs().max() / plain.abs().max()).item() <= 1e-5
+    # the fused norm's function, uncompiled, is diffusers' norm + SiLU exactly
+    block = vae.model.decoder.mid_block.resnets[0]
+    x = torch.randn(1, block.norm1.gamma.shape[0], 2, 6, 10)
+    assert torch.equal(rms_norm_silu(x, block.norm1.gamma, block.norm1.bias, block.norm1.scale),
+                       block.nonlinearity(block.norm1(x)))
 
 
 def test_filled_cross_cache_and_reused_memory_give_the_same_chunks():

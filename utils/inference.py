@@ -353,6 +353,15 @@ class _Clock:
         return self.start.elapsed_time(mark) / 1000 if self.cuda else mark - self.start
 
 
+def _to_host(pixels: torch.Tensor) -> torch.Tensor:
+    """A decoded chunk on the host: on CUDA an asynchronous copy into pinned memory (the clip never
+    sits whole on the GPU, and the copy overlaps the next chunk); read it only after a sync."""
+    if not pixels.is_cuda:
+        return pixels
+    host = torch.empty(pixels.shape, dtype=pixels.dtype, pin_memory=True)
+    return host.copy_(pixels, non_blocking=True)
+
+
 @torch.no_grad()
 def generate(student: Student, items: list[Item], num_frames: int, noise: torch.Tensor | None = None):
     """One batch: (latents [B, F, C, H, W], pixels [B, F', C', H', W'] float32 CPU, timing).
@@ -376,11 +385,11 @@ def generate(student: Student, items: list[Item], num_frames: int, noise: torch.
 
     def on_chunk(_start: int, x0: torch.Tensor) -> None:
         if stream is None:
-            pixels.append(decoder.decode(x0))
+            pixels.append(_to_host(decoder.decode(x0)))
         else:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                pixels.append(decoder.decode(x0))
+                pixels.append(_to_host(decoder.decode(x0)))
             x0.record_stream(stream)
         if not first:
             first.append(clock.mark(stream))
@@ -388,10 +397,8 @@ def generate(student: Student, items: list[Item], num_frames: int, noise: torch.
     out = rollout(student.runner, x, student.encode([it.prompt for it in items]), student.steps, pattern,
                   schedule=student.schedule, context_noise=student.cfg.context_noise, rng=rng, on_chunk=on_chunk,
                   kv_cache=kv_cache, crossattn_cache=cross)
-    if stream is not None:
-        torch.cuda.current_stream().wait_stream(stream)
-    video = torch.cat(pixels, dim=1).float().cpu()  # .cpu() waits for the device
-    _sync(device)
+    _sync(device)  # the copies to the host are done
+    video = torch.cat(pixels, dim=1).float()
     timing = {"first_chunk_s": clock.seconds(first[0]), "seconds": time.perf_counter() - start}
     return out.video.float().cpu(), video, timing
 

@@ -25,6 +25,8 @@ class SpeedSchema:
     fused_elementwise: Optional[bool] = None  # torch.compile the blocks' norms, modulation, RoPE, gated residuals
     cuda_graphs: Optional[bool] = None  # capture one CUDA graph per chunk position and replay it
     vae_channels_last: Optional[bool] = None  # channels-last 3-D convolutions in the VAE decoder
+    vae_fused_norm: Optional[bool] = None  # torch.compile the VAE residual blocks' RMS norm + SiLU
+    vae_stacked_conv: Optional[bool] = None  # the VAE decoder's 3-D convolutions as 2-D ones over stacked frames
     cudnn_benchmark: Optional[bool] = None  # let cuDNN time its convolution algorithms once per shape
     decode_stream: Optional[bool] = None  # decode each chunk on a second CUDA stream, overlapping the DiT
 
@@ -59,10 +61,12 @@ def apply_levers(generator, vae, levers: dict[str, bool]):
     if levers["cudnn_attention"]:
         generator.set_attention_backend("cudnn")
     generator.set_fused_elementwise(levers["fused_elementwise"])
-    if hasattr(vae, "set_channels_last"):
-        vae.set_channels_last(levers["vae_channels_last"])
-    elif levers["vae_channels_last"]:
-        raise ValueError(f"speed.vae_channels_last=true, but {type(vae).__name__} has no convolutions to lay out; set it to false")
+    for lever, setter in (("vae_channels_last", "set_channels_last"), ("vae_fused_norm", "set_fused_norms"),
+                          ("vae_stacked_conv", "set_stacked_convs")):
+        if hasattr(vae, setter):
+            getattr(vae, setter)(levers[lever])
+        elif levers[lever]:
+            raise ValueError(f"speed.{lever}=true, but {type(vae).__name__} is no convolutional VAE; set it to false")
     torch.backends.cudnn.benchmark = levers["cudnn_benchmark"]  # process-wide, as cuDNN's autotuner is
     runner = ChunkGraphs(generator) if levers["cuda_graphs"] else generator
     stream = torch.cuda.Stream(priority=-1) if levers["decode_stream"] else None  # high priority: frames out first

@@ -18,7 +18,7 @@ import inspect
 import diffusers
 import torch
 from diffusers import AutoencoderKLWan
-from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResidualBlock, WanRMS_norm, unpatchify
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
@@ -76,6 +76,8 @@ class WanVAE(torch.nn.Module):
         check_decoder_internals(vae)
         self.model = vae.requires_grad_(False).eval()
         self.channels_last = False  # set_channels_last
+        self.fused_norms = False  # set_fused_norms
+        self.stacked_convs = False  # set_stacked_convs
         cfg = vae.config
         self.latent_channels = cfg.z_dim
         # Derived from the architecture (one 2x step per down block, patchify on top), so a Wan2.2
@@ -105,6 +107,35 @@ class WanVAE(torch.nn.Module):
                 if p.ndim in fmt:
                     p.data = p.data.contiguous(memory_format=fmt[p.ndim])
         self.channels_last = bool(enabled)
+
+    def set_fused_norms(self, enabled: bool) -> None:
+        """Run each residual block's RMS norm and the SiLU after it as one torch.compile'd function
+        (the norm upcasts to float32 and makes five passes over full-resolution activations)."""
+        for block in self.model.modules():
+            if isinstance(block, WanResidualBlock):
+                if enabled and not isinstance(block.norm1, _RMSNormSiLU):
+                    block.silu = block.nonlinearity
+                    block.nonlinearity = torch.nn.Identity()  # now inside the norms
+                    block.norm1.__class__ = block.norm2.__class__ = _RMSNormSiLU
+                elif not enabled and isinstance(block.norm1, _RMSNormSiLU):
+                    block.nonlinearity = block.silu
+                    block.norm1.__class__ = block.norm2.__class__ = WanRMS_norm
+        self.fused_norms = bool(enabled)
+
+    def set_stacked_convs(self, enabled: bool) -> None:
+        """Compute the decoder's causal k_t x k x k convolutions as 2-D convolutions over the k_t input
+        frames stacked in channels (one GEMM per output frame batch, the 2-D kernels cuDNN tunes best)."""
+        for conv in self.model.decoder.modules():
+            if isinstance(conv, WanCausalConv3d) and conv.kernel_size[0] > 1:
+                if conv.stride != (1, 1, 1) or conv.dilation != (1, 1, 1) or conv.groups != 1:
+                    raise ValueError(f"stacked convolutions need stride, dilation and groups 1, got {conv}")
+                if enabled:
+                    conv.__class__ = _StackedCausalConv3d
+                    conv.stack_weight()
+                else:
+                    conv.__class__ = WanCausalConv3d
+                    conv.weight2d = None
+        self.stacked_convs = bool(enabled)
 
     def train(self, mode: bool = True):
         return super().train(False)  # frozen
@@ -141,6 +172,50 @@ class WanVAE(torch.nn.Module):
 
     def stream_decoder(self, batch_size: int) -> "WanStreamDecoder":
         return WanStreamDecoder(self, batch_size)
+
+
+def rms_norm_silu(x: torch.Tensor, gamma: torch.Tensor, bias, scale: float) -> torch.Tensor:
+    """WanRMS_norm (channels first, float32 normalisation) followed by SiLU, as diffusers computes them."""
+    normalized = torch.nn.functional.normalize(x.float(), dim=1).to(x.dtype)
+    return torch.nn.functional.silu(normalized * scale * gamma + bias)
+
+
+# dynamic: one kernel for every channel count and resolution of the decoder (compiled at the first call)
+_compiled_rms_norm_silu = torch.compile(rms_norm_silu, fullgraph=True, dynamic=True)
+
+
+class _RMSNormSiLU(WanRMS_norm):
+    """A residual block's WanRMS_norm with the block's SiLU folded in (set_fused_norms); no new parameters."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _compiled_rms_norm_silu(x, self.gamma, self.bias, self.scale)
+
+
+class _StackedCausalConv3d(WanCausalConv3d):
+    """WanCausalConv3d computed as one 2-D convolution: output frame t reads input frames t .. t+k_t-1,
+    stacked along channels, against the k_t temporal slices of the weight laid side by side. Same sum,
+    other kernel; no new parameters (weight2d is a re-laid copy of weight)."""
+
+    def stack_weight(self) -> None:
+        out_c, in_c, kt, kh, kw = self.weight.shape
+        w = self.weight.detach().permute(0, 2, 1, 3, 4).reshape(out_c, kt * in_c, kh, kw)
+        self.weight2d = w.contiguous(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
+        # x: [B, C, T, H, W] -> [B, C_out, T - k_t + 1 + causal padding, H, W]
+        t_pad = self._padding[4]
+        if cache_x is not None and t_pad > 0:
+            x = torch.cat([cache_x.to(x.device), x], dim=2)
+            t_pad -= cache_x.shape[2]
+        if t_pad > 0:
+            x = torch.nn.functional.pad(x, (0, 0, 0, 0, t_pad, 0))
+        batch, kt = x.shape[0], self.kernel_size[0]
+        t_out = x.shape[2] - kt + 1
+        frames = x.permute(0, 2, 3, 4, 1)  # [B, T, H, W, C]: a view when x is channels-last
+        stacked = torch.cat([frames[:, k : k + t_out] for k in range(kt)], dim=-1)  # [B, T', H, W, kt*C]
+        out = torch.nn.functional.conv2d(stacked.flatten(0, 1).permute(0, 3, 1, 2), self.weight2d, self.bias,
+                                         padding=(self._padding[2], self._padding[0]))
+        return out.unflatten(0, (batch, t_out)).transpose(1, 2)
 
 
 class WanStreamDecoder:
