@@ -126,8 +126,8 @@ def test_mesh_and_offload_errors():
         validate(compose_config("fsdp.replicate=0"))
     with pytest.raises(Exception, match="reshard_after_forward"):
         compose_config("fsdp.reshard_after_forward.vae=false")
-    with pytest.raises(ValueError, match="model.checkpoint_policy must be one of"):
-        validate(compose_config("model.checkpoint_policy=some"))
+    with pytest.raises(ValueError, match="model.checkpoint_policy.critic must be one of"):
+        validate(compose_config("model.checkpoint_policy.critic=some"))
     cfg = compose_config("fsdp.cpu_offload.teacher=true", "max_steps=0")
     with pytest.raises(ValueError, match="fsdp.cpu_offload.teacher=true, but the teacher .ExactTeacher. has no parameters"):
         train.train(cfg, Path("/nonexistent-run-dir"))

@@ -107,7 +107,7 @@ def build_method(cfg: DictConfig, device: torch.device) -> SelfForcingModel:
     else:  # a weights file (e.g. a pretrained bidirectional denoiser)
         fake_score = build_backbone(cfg, m.critic_init)
     dtype = DTYPES[m.dtype]
-    for net in (generator, fake_score):
+    for name, net in (("generator", generator), ("critic", fake_score)):
         # trained networks keep fp32 master weights (a 2e-6 AdamW step vanishes in bf16) and compute
         # in model.dtype under autocast, as mixed-precision training does
         net.to(device=device).float().train().requires_grad_(True)
@@ -115,7 +115,7 @@ def build_method(cfg: DictConfig, device: torch.device) -> SelfForcingModel:
         net.set_attention_backend(m.attention_backend)
         if m.gradient_checkpointing:
             net.enable_gradient_checkpointing()
-            net.checkpoint_policy = m.checkpoint_policy
+            net.checkpoint_policy = m.checkpoint_policy[name]
         net.set_fused_elementwise(m.fused_elementwise)
     if isinstance(real_score, WanDiT):
         if real_score.dtype != dtype:

@@ -30,6 +30,14 @@ class MethodSchema(MethodConfig):
 
 
 @dataclass
+class CheckpointPolicySchema:
+    # with gradient checkpointing, per trained network: full (recompute the whole block) | save_attention
+    # (keep attention outputs, recompute the rest: fewer FLOPs, more memory, a dispatch mode per op)
+    generator: str = "full"
+    critic: str = "full"
+
+
+@dataclass
 class ModelSchema:
     path: Optional[str] = None  # a diffusers-format Wan folder (transformer/, vae/, text_encoder/, tokenizer/)
     backbone: dict = field(default_factory=dict)  # WanTransformer3DModel config; empty: path's transformer/config.json
@@ -43,7 +51,7 @@ class ModelSchema:
     dtype: str = "float32"  # float32 | bfloat16 for the trained networks
     attention_backend: str = "sdpa"  # sdpa | cudnn | flash_attn
     gradient_checkpointing: bool = False  # activation checkpointing per transformer block
-    checkpoint_policy: str = "full"  # full: recompute the whole block | save_attention: keep attention outputs, recompute the rest
+    checkpoint_policy: CheckpointPolicySchema = field(default_factory=lambda: CheckpointPolicySchema())
     fused_elementwise: bool = False  # norms, modulation and RoPE through torch.compile (model/wan/fused.py)
 
 
@@ -172,8 +180,9 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(f"logger.mode must be online, offline or disabled, got {cfg.logger.mode!r}")
     if cfg.model.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
-    if cfg.model.checkpoint_policy not in CHECKPOINT_POLICIES:
-        raise ValueError(f"model.checkpoint_policy must be one of {CHECKPOINT_POLICIES}, got {cfg.model.checkpoint_policy!r}")
+    for net, policy in cfg.model.checkpoint_policy.items():
+        if policy not in CHECKPOINT_POLICIES:
+            raise ValueError(f"model.checkpoint_policy.{net} must be one of {CHECKPOINT_POLICIES}, got {policy!r}")
     if cfg.fsdp.replicate < 1 or (cfg.fsdp.shard is not None and cfg.fsdp.shard < 1):
         raise ValueError(f"fsdp.replicate and fsdp.shard must be >= 1 (shard may be null), got {cfg.fsdp.replicate}, {cfg.fsdp.shard}")
     from utils.build import check_weight_folders
