@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
 import train
+from tests.test_train import checkpoint_tensors
 from tests.train_setup import compose_config
 from utils.config import validate
 
@@ -31,21 +30,6 @@ def losses(run_dir: Path) -> dict[int, dict[str, float]]:
     """Per step, the logged losses (log.jsonl rows of rank 0)."""
     rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     return {r["step"]: {k: v for k, v in r.items() if k.endswith("_loss")} for r in rows if "critic_loss" in r}
-
-
-def flat_checkpoint(step_dir: Path, out: Path) -> dict[str, torch.Tensor]:
-    dcp_to_torch_save(step_dir, out)
-    flat = {}
-
-    def walk(prefix, tree):
-        if isinstance(tree, torch.Tensor):
-            flat[prefix] = tree
-        elif isinstance(tree, dict):
-            for k, v in tree.items():
-                walk(f"{prefix}.{k}", v)
-
-    walk("", torch.load(out, weights_only=False))
-    return flat
 
 
 def worker(rank, world, port, runs):
@@ -100,8 +84,8 @@ def test_two_rank_checkpoint_resumes_at_world_size_one(runs, tmp_path):
     meta = json.loads((runs / "fsdp2" / "checkpoints" / "step_000002" / "meta.json").read_text())
     assert meta["world_size"] == 2
     assert_close_losses(losses(runs / "resumed"), losses(runs / "fsdp2"), [3, 4])
-    a = flat_checkpoint(runs / "fsdp2" / "checkpoints" / "step_000004", tmp_path / "a.pt")
-    b = flat_checkpoint(runs / "resumed" / "checkpoints" / "step_000004", tmp_path / "b.pt")
+    a = checkpoint_tensors(runs / "fsdp2" / "checkpoints" / "step_000004", tmp_path)
+    b = checkpoint_tensors(runs / "resumed" / "checkpoints" / "step_000004", tmp_path)
     assert a.keys() == b.keys() and any(k.startswith(".ema.shadow") for k in a)
     for k in a:
         if a[k].is_floating_point():
