@@ -111,6 +111,8 @@ class WanVAE(torch.nn.Module):
     def set_fused_norms(self, enabled: bool) -> None:
         """Run each residual block's RMS norm and the SiLU after it as one torch.compile'd function
         (the norm upcasts to float32 and makes five passes over full-resolution activations)."""
+        if enabled:  # one graph per layout the decoder feeds it (channels-last or not, 1 or 4 frames, cache or not)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for block in self.model.modules():
             if isinstance(block, WanResidualBlock):
                 if enabled and not isinstance(block.norm1, _RMSNormSiLU):
