@@ -37,10 +37,11 @@ def student(folder, **levers) -> Student:
 
 
 def test_levers_default_off_on_cpu_and_cuda_only_levers_refuse_it():
-    assert not any(resolve_levers(SpeedSchema(), CPU).values())
-    assert all(resolve_levers(SpeedSchema(), torch.device("cuda")).values())
-    # flash_attn chosen by the model: cuDNN stays off by default, and true is a conflict
-    assert not resolve_levers(SpeedSchema(), torch.device("cuda"), "flash_attn")["cudnn_attention"]
+    auto = SpeedSchema(**dict.fromkeys(vars(SpeedSchema()), None))
+    assert not any(resolve_levers(auto, CPU).values())
+    assert all(resolve_levers(auto, torch.device("cuda")).values())
+    # flash_attn chosen by the model: cuDNN stays off when automatic, and true is a conflict
+    assert not resolve_levers(auto, torch.device("cuda"), "flash_attn")["cudnn_attention"]
     with pytest.raises(ValueError, match="model.attention_backend=flash_attn"):
         resolve_levers(SpeedSchema(cudnn_attention=True), torch.device("cuda"), "flash_attn")
     for lever in ("cudnn_attention", "cuda_graphs", "cudnn_benchmark", "decode_stream"):

@@ -122,7 +122,7 @@ def test_generate_with_every_lever_matches_plain(tiny_wan_folder):
         generator = generator.to("cuda", torch.bfloat16).eval().requires_grad_(False)
         vae = WanVAE(str(tiny_wan_folder), dtype="bfloat16", device="cuda")
         text = WanTextEncoder(str(tiny_wan_folder), text_len=8, dtype="bfloat16", device="cuda").eval()
-        speed = SpeedSchema() if on else SpeedSchema(**dict.fromkeys(vars(SpeedSchema()), False))
+        speed = SpeedSchema(**dict.fromkeys(vars(SpeedSchema()), True if on else False))
         runner, stream = apply_levers(generator, vae, resolve_levers(speed, torch.device("cuda")))
         cfg = MethodConfig(num_frame_per_block=3, num_training_frames=9)
         return Student(generator, text, vae, cfg, (4, 30, 52), runner=runner, decode_stream=stream)
