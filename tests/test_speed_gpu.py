@@ -24,6 +24,16 @@ SMALL = {**TINY, "num_attention_heads": 4, "attention_head_dim": 64, "ffn_dim": 
 BF16_TOL = 3e-2  # bf16 activations through 3 blocks: kernels that sum in another order differ by a few ulps
 
 
+def bf16_decode_floor(folder, latents) -> float:
+    """How far the plain bf16 stream decode is from a float32 one: a random-weight VAE amplifies bf16
+    rounding in its max pixel error, so a lever may differ from plain by about that much again."""
+    decoded = []
+    for dtype in ("bfloat16", "float32"):
+        decoder = WanVAE(str(folder), dtype=dtype, device="cuda").stream_decoder(latents.shape[0])
+        decoded.append(decoder.decode(latents))
+    return rel_err(decoded[0], decoded[1])
+
+
 def rel_err(a, b) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
@@ -108,8 +118,9 @@ def test_vae_levers_match_plain_decode(tiny_wan_folder):
         vae.set_fused_norms(False)
         vae.set_stacked_convs(False)
     err = rel_err(fast, plain)
-    print(f"VAE channels-last + fused norms + stacked convs + cudnn.benchmark: max rel err {err:.2e}")
-    assert err <= BF16_TOL
+    floor = bf16_decode_floor(tiny_wan_folder, latents)
+    print(f"VAE channels-last + fused norms + stacked convs + cudnn.benchmark: max rel err {err:.2e} (bf16 vs fp32: {floor:.2e})")
+    assert err <= max(BF16_TOL, 2 * floor)
 
 
 @torch.no_grad()
@@ -128,10 +139,11 @@ def test_generate_with_every_lever_matches_plain(tiny_wan_folder):
         return Student(generator, text, vae, cfg, (4, 30, 52), runner=runner, decode_stream=stream)
 
     plain = generate(student(False), items, 9)
+    floor = bf16_decode_floor(tiny_wan_folder, plain[0].cuda())
     fast_student = student(True)
     assert isinstance(fast_student.runner, ChunkGraphs) and fast_student.decode_stream is not None
     for _ in range(2):  # the second batch replays the graphs captured by the first
         fast = generate(fast_student, items, 9)
         lat_err, pix_err = rel_err(fast[0], plain[0]), rel_err(fast[1], plain[1])
         print(f"every lever vs plain: latents {lat_err:.2e}, pixels {pix_err:.2e}, timing {fast[2]}")
-        assert lat_err <= BF16_TOL and pix_err <= BF16_TOL and fast[1].shape == plain[1].shape
+        assert lat_err <= BF16_TOL and pix_err <= max(BF16_TOL, 2 * floor) and fast[1].shape == plain[1].shape
