@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from pathlib import Path
 
 import hydra
@@ -159,6 +160,7 @@ def _train(cfg: DictConfig, run_dir: Path, dist) -> dict:
         if cfg.eval.at_start:
             evaluate(0)
     bar = ProgressBar(cfg.max_steps, start)
+    loop_start = time.perf_counter()  # the loop's wall time (periodic evaluations and checkpoints included)
     logs: dict[str, float] = {}
     for step in range(start, cfg.max_steps):
         # 1. generator update every dfake_gen_update_ratio steps (self-rollout, DMD/SiD, EMA)
@@ -178,6 +180,7 @@ def _train(cfg: DictConfig, run_dir: Path, dist) -> dict:
         if cfg.checkpoint.every > 0 and done % cfg.checkpoint.every == 0 and done != cfg.max_steps:
             save(done)
     bar.close()
+    results["train_seconds"] = time.perf_counter() - loop_start
     if start < cfg.max_steps or resume_from is None:
         save(cfg.max_steps)
         evaluate(cfg.max_steps)

@@ -1,0 +1,315 @@
+"""Self Forcing's claims on the toy world: train every method at one budget, score all against the truth.
+
+Trains, one after another in this process (CPU is fine), from the same initial weights
+(model.generator_init / critic_init) and seed: self-forcing DMD, self-forcing SiD, CausVid with
+teacher forcing, CausVid with diffusion forcing, and ODE regression on the exact teacher's ODE.
+Every method gets the same training steps, batch size and generator/critic update ratio, read from
+the composed config (configs/config.yaml) after the overrides. Each run evaluates its final
+generator with the training evaluation (utils/evaluation.py, utils/toy_metrics.py): match rate,
+coverage, mean distance and per-frame error at the training length and at
+data.metrics.long_num_frames (rolling KV cache); the exact teacher's 50-step row comes from the
+same runs (every run writes it, on the same seeds; they are checked to agree).
+
+One run directory per method under --out; the table is printed and written, with the command,
+budget, git revision and wall times, to <docs>/compare_methods.md, and the per-frame error at the
+long length to <docs>/compare_methods.png (needs matplotlib).
+
+  python scripts/compare_methods.py                          # the full budget of configs/config.yaml
+  python scripts/compare_methods.py --steps 20 --methods dmd,causvid_tf --docs /tmp/docs
+  python scripts/compare_methods.py --steps 100 method.guidance_scale=2   # Hydra overrides go to every method
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from utils import config as config_schema  # noqa: E402  (registers the schema)
+from utils.distributed import log0  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str                    # what the table calls it
+    overrides: tuple[str, ...]    # Hydra overrides that select it
+    target: str                   # the method class they must compose to
+    teacher_forcing: bool = False
+
+
+METHODS = {
+    "dmd": Method("self forcing, DMD", ("method=dmd",), "model.dmd.DMD"),
+    "sid": Method("self forcing, SiD", ("method=sid",), "model.sid.SiD"),
+    "causvid_tf": Method("CausVid, teacher forcing", ("method=causvid", "method.teacher_forcing=true"),
+                         "model.causvid.CausVid", teacher_forcing=True),
+    "causvid_df": Method("CausVid, diffusion forcing", ("method=causvid",), "model.causvid.CausVid"),
+    "ode_regression": Method("ODE regression", ("method=ode_regression",), "model.ode_regression.ODERegression"),
+}
+# Set for every run before the user's overrides: evaluate and save only at the end, so the loop's
+# wall time is training alone (a user who turns periodic evaluation back on pays it in that time).
+RUN_DEFAULTS = ("eval.every=0", "eval.at_start=false", "checkpoint.every=0")
+# Keys the script sets per method: an override of them would make every run the same method.
+RESERVED = ("method=", "+method=", "method._target_=", "method.teacher_forcing=")
+# Keys that must agree across the runs for the budget and the start to be equal.
+BUDGET_KEYS = ("seed", "max_steps", "batch_size", "total_batch_size", "dfake_gen_update_ratio",
+               "model.generator_init", "model.critic_init", "warm_start.generator_steps", "warm_start.critic_steps",
+               "method.num_training_frames", "method.denoising_step_list", "data.metrics.long_num_frames",
+               "data.metrics.samples_per_prompt", "data.metrics.teacher_steps")
+TEACHER = "exact teacher"
+
+
+def require_matplotlib():
+    """Import matplotlib lazily (only this script draws); say how to get it."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise SystemExit("compare_methods.py draws docs/compare_methods.png with matplotlib: pip install matplotlib") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def select(cfg: DictConfig, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def compose_all(names: list[str], overrides: list[str], steps: int | None) -> dict[str, DictConfig]:
+    """One composed, validated config per method; the budget keys must agree across them."""
+    bad = [o for o in overrides if o.startswith(RESERVED)]
+    if bad:
+        raise SystemExit(f"overrides {bad} would change the method of every run; pick methods with --methods "
+                         f"({', '.join(METHODS)})")
+    tail = list(overrides) + ([f"max_steps={steps}"] if steps is not None else [])
+    cfgs = {}
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        for name in names:
+            m = METHODS[name]
+            cfg = compose("config", overrides=[*m.overrides, *RUN_DEFAULTS, *tail])
+            if cfg.method._target_ != m.target or cfg.method.teacher_forcing != m.teacher_forcing:
+                raise SystemExit(f"{name}: the overrides composed method._target_={cfg.method._target_}, "
+                                 f"teacher_forcing={cfg.method.teacher_forcing}, expected {m.target}, "
+                                 f"teacher_forcing={m.teacher_forcing} (does an experiment preset set the method?)")
+            if cfg.data.metrics is None:
+                raise SystemExit("the comparison scores samples against the toy world's truth: it needs data=toy")
+            if cfg.data.metrics.long_num_frames <= cfg.method.num_training_frames:
+                raise SystemExit(f"data.metrics.long_num_frames={cfg.data.metrics.long_num_frames} must exceed "
+                                 f"method.num_training_frames={cfg.method.num_training_frames}: the comparison "
+                                 "looks at errors past the training length")
+            config_schema.validate(cfg)
+            cfgs[name] = cfg
+    first = names[0]
+    for key in BUDGET_KEYS:
+        values = {name: select(cfg, key) for name, cfg in cfgs.items()}
+        if any(v != values[first] for v in values.values()):
+            raise SystemExit(f"{key} differs between methods ({values}): the budget and start must be equal")
+    return cfgs
+
+
+def updates(cfg: DictConfig) -> tuple[int, int]:
+    """(generator, critic) updates of a run, as train.py makes them."""
+    from hydra.utils import get_class
+
+    if not get_class(cfg.method._target_).has_critic:  # every step is a generator update
+        return cfg.max_steps, 0
+    return -(-cfg.max_steps // cfg.dfake_gen_update_ratio), cfg.max_steps
+
+
+def read_records(run_dir: Path, step: int) -> tuple[dict, dict]:
+    """The run's final student record and its exact-teacher record, from metrics.jsonl."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    students = [r for r in rows if r["source"] == "student" and r["step"] == step]
+    teachers = [r for r in rows if r["source"].startswith("exact_teacher")]
+    if len(students) != 1 or len(teachers) != 1:
+        raise RuntimeError(f"{run_dir / 'metrics.jsonl'}: expected one student record at step {step} and one teacher "
+                           f"record, found {len(students)} and {len(teachers)}")
+    return students[0], teachers[0]
+
+
+def run_all(cfgs: dict[str, DictConfig], out: Path) -> tuple[dict[str, dict], dict]:
+    """Train every method in its own run directory; its final record, wall times and updates, and the teacher's."""
+    from train import train
+
+    rows, teacher = {}, None
+    for name, cfg in cfgs.items():
+        run_dir = out / name
+        log0("=== %s (%s): %d steps into %s", name, METHODS[name].label, cfg.max_steps, run_dir)
+        start = time.perf_counter()
+        results = train(cfg, run_dir)
+        total = time.perf_counter() - start
+        record, ref = read_records(run_dir, cfg.max_steps)
+        if teacher is None:
+            teacher = ref
+        elif ref != teacher:  # same seed, same world: the reference rows must be the same samples
+            raise RuntimeError(f"the exact teacher's record of {name} differs from the first run's: {ref} vs {teacher}")
+        gen, critic = updates(cfg)
+        rows[name] = {"record": record, "train_seconds": results["train_seconds"], "total_seconds": total,
+                      "generator_updates": gen, "critic_updates": critic, "run_dir": str(run_dir)}
+    return rows, teacher
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def columns(short: int, long: int, train_frames: int) -> list[str]:
+    return ["method", "gen / critic updates", "train s", "run s",
+            f"match {short}f", f"match {short}f / teacher", f"coverage {short}f", f"distance {short}f",
+            f"frame err {short}f", f"match {long}f", f"coverage {long}f", f"distance {long}f",
+            f"frame err {long}f (1-{train_frames})", f"frame err {long}f ({train_frames + 1}-{long})"]
+
+
+def table_row(label: str, record: dict, train_frames: int, teacher: dict, cost: dict | None) -> list[str]:
+    """One table row from a metrics.jsonl record (3 decimals; frame errors are means over the named frames)."""
+    f = "{:.3f}".format
+    long_err = record["long_frame_error"]
+    ratio = record["match_rate"] / teacher["match_rate"] if teacher["match_rate"] > 0 else None
+    return [
+        label,
+        f"{cost['generator_updates']} / {cost['critic_updates']}" if cost else "-",
+        f"{cost['train_seconds']:.1f}" if cost else "-",
+        f"{cost['total_seconds']:.1f}" if cost else "-",
+        f(record["match_rate"]), "-" if ratio is None else f(ratio), f(record["coverage"]), f(record["mean_distance"]),
+        f(mean(record["frame_error"])), f(record["long_match_rate"]), f(record["long_coverage"]),
+        f(record["long_mean_distance"]), f(mean(long_err[:train_frames])), f(mean(long_err[train_frames:])),
+    ]
+
+
+def markdown_table(rows: dict[str, dict], teacher: dict, train_frames: int) -> str:
+    """Methods in the order they ran, then the exact teacher; numbers straight from the metrics.jsonl records."""
+    body = [table_row(f"{METHODS[n].label} (`{n}`)", r["record"], train_frames, teacher, r) for n, r in rows.items()]
+    body.append(table_row(f"{TEACHER} ({teacher['source']})", teacher, train_frames, teacher, None))
+    head = columns(teacher["num_frames"], teacher["long_num_frames"], train_frames)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def git_revision() -> str:
+    """`git rev-parse --short HEAD`, with -dirty when tracked files differ from it."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+
+    head = git("rev-parse", "--short", "HEAD")
+    if head.returncode != 0:
+        return f"not a git checkout ({head.stderr.strip()})"
+    dirty = git("diff", "--quiet", "HEAD", "--").returncode != 0
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def plot(plt, rows: dict[str, dict], teacher: dict, train_frames: int, path: Path) -> None:
+    """Per-frame error at the long length, one line per method plus the teacher; a line at the training length."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, r in rows.items():
+        err = r["record"]["long_frame_error"]
+        ax.plot(range(1, len(err) + 1), err, label=METHODS[name].label, marker=".")
+    err = teacher["long_frame_error"]
+    ax.plot(range(1, len(err) + 1), err, label=f"{TEACHER} ({teacher['source']})", color="black", linestyle="--")
+    ax.axvline(train_frames + 0.5, color="grey", linestyle=":", label=f"training length ({train_frames} frames)")
+    ax.set_xlabel("frame index")
+    ax.set_ylabel("RMSE to the nearest own-prompt template")
+    ax.set_title(f"Toy world: error per frame over {len(err)}-frame rollouts (rolling KV cache)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def document(command: str, cfg: DictConfig, rows: dict[str, dict], teacher: dict, table: str, out: Path,
+             png: Path, started: str) -> str:
+    m = cfg.data.metrics
+    first = next(iter(rows.values()))["record"]
+    total_batch = cfg.total_batch_size or cfg.batch_size
+    lines = [
+        "# Method comparison on the toy world",
+        "",
+        "<!-- Generated by scripts/compare_methods.py: do not edit by hand; regenerate with the command below. -->",
+        "",
+        f"- command: `{command}`",
+        f"- git revision: `{git_revision()}`; date: {started}",
+        f"- budget, the same for every method: {cfg.max_steps} training steps, batch size {cfg.batch_size} "
+        f"(total {total_batch}), one generator update every {cfg.dfake_gen_update_ratio} steps and a critic update every "
+        f"step (ODE regression has no critic: a generator update every step)",
+        f"- start: generator `{cfg.model.generator_init}`, critic `{cfg.model.critic_init}`; training seed {cfg.seed}",
+        f"- evaluation: {first['num_samples']} samples ({m.samples_per_prompt} per prompt), noise seed {cfg.seed} for every "
+        f"method and the teacher, at {first['num_frames']} frames and at {first['long_num_frames']} frames (training "
+        f"length {cfg.method.num_training_frames}; longer clips roll the KV cache over that many frames); match "
+        f"threshold {first['threshold']}; "
+        f"ideal coverage with this many samples {first['coverage_ideal']:.3f}",
+        f"- the exact teacher: {m.teacher_steps}-step Euler on its own flow, no guidance",
+        f"- runs: `{out}/<method>/` (metrics.jsonl, checkpoints, sample grids)",
+        "",
+        "Wall time: `train s` is the training loop, `run s` the whole run (building, the teacher's reference row, "
+        "the final checkpoint and evaluation). Distance: mean distance to the nearest template; frame err: mean over "
+        "the named frames of the per-frame RMSE to the nearest template of the sample's prompt.",
+        "",
+        table,
+        "",
+        f"![frame error against frame index]({png.name})",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
+    p.add_argument("--steps", type=int, default=None, help="training steps of every method (default: max_steps)")
+    p.add_argument("--out", default=None, help="run folders, one per method (default: outputs/compare_methods/<time>)")
+    p.add_argument("--docs", default=str(REPO / "docs"), help="where compare_methods.md and .png are written")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides applied to every method, e.g. batch_size=4")
+    args = p.parse_args(argv)
+    names = [n.strip() for n in args.methods.split(",") if n.strip()]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown or not names:
+        p.error(f"unknown method(s) {unknown} in --methods; choose from {', '.join(METHODS)}")
+    if len(set(names)) != len(names):
+        p.error(f"--methods names a method twice: {names}")
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    plt = require_matplotlib()  # before hours of training, not after
+
+    started = datetime.datetime.now().astimezone()
+    out = Path(args.out or REPO / "outputs" / "compare_methods" / started.strftime("%Y-%m-%d_%H-%M-%S"))
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"--out {out} is not empty: its runs' metrics.jsonl would mix with new ones; "
+                         "remove it or give another folder")
+    cfgs = compose_all(names, args.overrides, args.steps)
+    rows, teacher = run_all(cfgs, out)
+
+    cfg = cfgs[names[0]]
+    train_frames = cfg.method.num_training_frames
+    table = markdown_table(rows, teacher, train_frames)
+    print(table)
+    docs = Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    png, md = docs / "compare_methods.png", docs / "compare_methods.md"
+    plot(plt, rows, teacher, train_frames, png)
+    command = shlex.join(["python", "scripts/compare_methods.py", *argv])
+    md.write_text(document(command, cfg, rows, teacher, table, out, png, started.strftime("%Y-%m-%d %H:%M %Z")))
+    log0("wrote %s and %s; runs in %s", md, png, out)
+    return {"rows": rows, "teacher": teacher, "table": table, "markdown": md, "png": png}
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    main()
