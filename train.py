@@ -72,6 +72,11 @@ def step_update(method, phase, net, optimizer, scheduler, batches, step, cfg, di
     return logs
 
 
+def generator_updates(cfg: DictConfig, has_critic: bool) -> int:
+    """Generator updates in a run: one every dfake_gen_update_ratio steps, or every step without a critic."""
+    return math.ceil(cfg.max_steps / (cfg.dfake_gen_update_ratio if has_critic else 1))
+
+
 def export_of(method, ema: EMA | None, cfg: DictConfig) -> dict:
     """The inference weights, consolidated on rank 0 (a collective): EMA once it has started, else the generator."""
     if ema is not None and ema.active:
@@ -110,8 +115,7 @@ def _train(cfg: DictConfig, run_dir: Path, dist) -> dict:
     is_causvid = cfg.method._target_.endswith("CausVid")
     dataset = instantiate(cfg.data.videos if is_causvid else cfg.data.prompts)
     batches = Batches(dataset, cfg.batch_size, dist.world_size, accumulation)
-    gen_updates = math.ceil(cfg.max_steps / cfg.dfake_gen_update_ratio)
-    g_opt, g_sched = build_optimizer(method.generator.parameters(), cfg.generator_optim, gen_updates)
+    g_opt, g_sched = build_optimizer(method.generator.parameters(), cfg.generator_optim, generator_updates(cfg, method.has_critic))
     c_opt, c_sched = build_optimizer(method.fake_score.parameters(), cfg.critic_optim, cfg.max_steps)
     ema = EMA(method.generator, cfg.ema_weight, cfg.ema_start_step) if cfg.ema_weight > 0 else None
 

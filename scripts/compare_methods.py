@@ -126,9 +126,10 @@ def updates(cfg: DictConfig) -> tuple[int, int]:
     """(generator, critic) updates of a run, as train.py makes them."""
     from hydra.utils import get_class
 
-    if not get_class(cfg.method._target_).has_critic:  # every step is a generator update
-        return cfg.max_steps, 0
-    return -(-cfg.max_steps // cfg.dfake_gen_update_ratio), cfg.max_steps
+    from train import generator_updates
+
+    has_critic = get_class(cfg.method._target_).has_critic
+    return generator_updates(cfg, has_critic), cfg.max_steps if has_critic else 0
 
 
 def read_records(run_dir: Path, step: int) -> tuple[dict, dict]:

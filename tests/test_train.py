@@ -115,6 +115,18 @@ def test_each_method_trains_a_few_steps_on_the_toy_world(tmp_path, method):
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
+
+def test_a_method_without_critic_schedules_its_learning_rate_over_every_step(tmp_path):
+    # ODE regression updates the generator every step, so a cosine schedule must span max_steps
+    # updates, not max_steps / dfake_gen_update_ratio (which left the learning rate at 0 after that)
+    run_dir, _ = run(tmp_path, "ode", "method=ode_regression", "max_steps=4", "dfake_gen_update_ratio=4",
+                     "generator_optim.schedule=cosine", "ema_weight=0", "checkpoint.every=1")
+    from safetensors.torch import load_file
+
+    third, last = (load_file(run_dir / "checkpoints" / f"step_00000{s}" / "export" / "model.safetensors") for s in (3, 4))
+    assert any(not torch.equal(third[k], last[k]) for k in last)  # the 4th update still moves the weights
+
+
 def test_embedded_default_evaluates_and_writes_samples(tmp_path):
     run_dir, results = run(tmp_path, "eval", "max_steps=1", "eval.at_start=true", "checkpoint.every=0")
     rows = [__import__("json").loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
