@@ -249,7 +249,8 @@ def document(command: str, cfg: DictConfig, rows: dict[str, dict], teacher: dict
         f"- budget, the same for every method: {cfg.max_steps} training steps, batch size {cfg.batch_size} "
         f"(total {total_batch}), one generator update every {cfg.dfake_gen_update_ratio} steps and a critic update every "
         f"step (ODE regression has no critic: a generator update every step)",
-        f"- start: generator `{cfg.model.generator_init}`, critic `{cfg.model.critic_init}`; training seed {cfg.seed}",
+        f"- start: generator `{cfg.model.generator_init or 'random init'}`, critic `{cfg.model.critic_init}`; "
+        f"training seed {cfg.seed} (random initial weights are drawn from it too)",
         f"- evaluation: {first['num_samples']} samples ({m.samples_per_prompt} per prompt), noise seed {cfg.seed} for every "
         f"method and the teacher, at {first['num_frames']} frames and at {first['long_num_frames']} frames (training "
         f"length {cfg.method.num_training_frames}; longer clips roll the KV cache over that many frames); match "
