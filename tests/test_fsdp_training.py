@@ -1,5 +1,5 @@
 """FSDP2 training on the toy world with 2 gloo ranks == 1 process with the same total batch; a
-2-rank DCP checkpoint resumes at world size 1; hybrid sharding (2 x 1 mesh); config errors.
+2-rank DCP checkpoint resumes at world size 1 and a 1-process one at 2; hybrid sharding (2 x 1 mesh); config errors.
 
 The draws of a global batch do not depend on how it is split (noise per sample index, host choices
 broadcast), so the only differences are float summation orders: the reduce-scatter's average of two
@@ -60,6 +60,9 @@ def runs(tmp_path_factory):
         cfg = compose_config("batch_size=2", *COMMON, *extra)
         validate(cfg)
         train.train(cfg, root / name)
+    # and back: the one-process checkpoint (written without DCP's collectives) resumes on 2 ranks
+    back = [(root / "resumed2", ["batch_size=1", *COMMON, f"resume={root / 'single' / 'checkpoints' / 'step_000002'}"])]
+    mp.spawn(worker, args=(2, free_port(), back), nprocs=2, join=True)
     return root
 
 
@@ -141,3 +144,9 @@ def test_save_attention_checkpointing_gives_the_gradients_of_full_checkpointing(
         grads[policy] = {n: p.grad.clone() for n, p in model.named_parameters()}
     for n, g in grads["full"].items():
         torch.testing.assert_close(grads["save_attention"][n], g, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_one_process_checkpoint_resumes_on_two_ranks(runs):
+    meta = json.loads((runs / "single" / "checkpoints" / "step_000002" / "meta.json").read_text())
+    assert meta["world_size"] == 1
+    assert_close_losses(losses(runs / "resumed2"), losses(runs / "single"), [3, 4])

@@ -142,8 +142,13 @@ def _first_nonfinite(named: list[tuple[str, torch.Tensor]]) -> str | None:
 
 
 def _dcp(fn, state_dict: dict, path: Path) -> None:
-    """dcp.save / dcp.load, also without a process group (then DCP warns; that case is intended)."""
-    if dist.is_initialized():
+    """dcp.save / dcp.load; a single rank skips DCP's collectives (no_dist), writing the same format.
+
+    On the CPU, DCP's distributed save path left the intra-op thread pool waking up slowly for the
+    rest of the run: the toy default's steps took 1.7x as long after a checkpoint on 2 cores
+    (0.72 -> 1.22 s; no_dist: 0.72 -> 0.64 s). With one rank there is nothing to coordinate.
+    """
+    if dist.is_initialized() and dist.get_world_size() > 1:
         fn(state_dict, checkpoint_id=path)
         return
     with warnings.catch_warnings():
