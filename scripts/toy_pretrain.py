@@ -51,6 +51,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=500, help="write the weights every this many steps")
     p.add_argument("--out", default="assets/toy")
     p.add_argument("--resume", default=None, help="a folder with ode_init / denoiser .safetensors to continue from")
     p.add_argument("--generator-init", default=None,
@@ -105,7 +106,7 @@ def main(argv=None) -> None:
             report["loss"][phase] = loss.item()
         if step % 100 == 0 or step == args.steps - 1:
             print(f"step {step}: {report['loss']} ({time.time() - start:.0f} s)", flush=True)
-        if (step + 1) % 500 == 0:
+        if (step + 1) % args.save_every == 0:
             save(method, Path(args.out), train)
     world = method.real_score.world
     prompts = [p for p in world.prompts for _ in range(cfg.data.metrics.samples_per_prompt)]
