@@ -6,10 +6,16 @@
 (`python scripts/bench_train.py ...` is world size 1 of the same code.) The networks are built and
 sharded exactly as train.py does (build_method, shard_method on the fsdp.* mesh); each step is the
 trainer's own `step_update` (rollout or sampling, loss, backward, clip, AdamW) on its own batch of
-`batch_size` prompts per rank. The first step of each kind is warm-up (kernels, compilation); the
-rest are timed with device synchronisation. Printed on rank 0, as JSON: median step times per kind,
-every step's time and exit step, peak memory per GPU, and tokens/s (latent tokens of the training
-clips, num_training_frames x tokens per frame, of the global batch, per second of that step kind).
+`batch_size` prompts per rank. The first `--warmup` steps of each kind are warm-up (kernels,
+compilation); the rest are timed with device synchronisation. Printed on rank 0, as JSON: median step
+times per kind, every step's time and exit step, peak memory per GPU, and tokens/s (latent tokens of
+the training clips, num_training_frames x tokens per frame, of the global batch, per second of that
+step kind).
+
+A step's cost depends on its exit step (exit step k runs k + 1 generator calls per chunk), which the
+rollout draws at random. `--exit-steps 0,1,2,3` makes the steps take these in turn instead (warm-up
+runs each once, so every shape is compiled before timing) and adds the mean over one cycle, the
+expected step time under the uniform draw, to the result.
 """
 
 from __future__ import annotations
@@ -43,7 +49,23 @@ def clip_tokens(cfg, method) -> int:
     return cfg.method.num_training_frames * (height // p_h) * (width // p_w)
 
 
-def bench(cfg, dist, steps: int) -> dict:
+def force_exit_steps(method, schedule: list[int]):
+    """Make plan_rollout return schedule[i % len] as every chunk's exit step on its i-th call."""
+    plan, calls = method.plan_rollout, [0]
+
+    def planned():
+        num_frames, exits = plan()  # the same host draws as without forcing: the rest of the run is unchanged
+        exit_step = schedule[calls[0] % len(schedule)]
+        return num_frames, [exit_step] * len(exits)
+
+    def set_call(i: int) -> None:
+        calls[0] = i
+
+    method.plan_rollout = planned
+    return set_call
+
+
+def bench(cfg, dist, steps: int, warmup: int = 1, exit_schedule: list[int] | None = None) -> dict:
     device = pick_device(cfg, dist.local_rank)
     cuda = device.type == "cuda"
     seed_everything(cfg.seed, 0)  # random weights (model.path folders hold fixed ones): the same on every rank
@@ -59,12 +81,17 @@ def bench(cfg, dist, steps: int) -> dict:
         "weights_gib": torch.cuda.memory_allocated() / 2**30 if cuda else None,
         "tokens_per_clip": clip_tokens(cfg, method),
     }
+    set_call = force_exit_steps(method, exit_schedule) if exit_schedule else None
+    if exit_schedule:
+        warmup = max(warmup, len(exit_schedule))
     for phase, net, optim_cfg in (("generator", method.generator, cfg.generator_optim),
                                   ("critic", method.fake_score, cfg.critic_optim)):
-        opt, sched = build_optimizer(net.parameters(), optim_cfg, steps)
+        opt, sched = build_optimizer(net.parameters(), optim_cfg, warmup + steps)
         times, exits = [], []
-        for step in range(steps):
+        for step in range(warmup + steps):
             ids = batches.sample_ids(step, 0, dist.rank)
+            if set_call:  # warm-up steps run every exit step once; timed steps cycle from the first
+                set_call(step if step < warmup else step - warmup)
             method.reseed(cfg.seed, step, phase, ids)  # the draws step_update will make (it reseeds the same way)
             exits.append(method.plan_rollout()[1][0])
             if cuda:
@@ -75,12 +102,20 @@ def bench(cfg, dist, steps: int) -> dict:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
             if dist.is_main:
-                print(phase, step, f"exit step {exits[-1]}", f"{times[-1]:.2f} s",
-                      {k: round(v, 4) for k, v in logs.items()}, flush=True)
-        median = statistics.median(times[1:]) if len(times) > 1 else times[0]
+                print(phase, step, "warm-up" if step < warmup else "timed", f"exit step {exits[-1]}",
+                      f"{times[-1]:.2f} s", {k: round(v, 4) for k, v in logs.items()}, flush=True)
+        timed, timed_exits = times[warmup:], exits[warmup:]
+        median = statistics.median(timed)
         result[f"{phase}_step_s"] = median
         result[f"{phase}_step_all_s"] = [round(t, 3) for t in times]
         result[f"{phase}_exit_steps"] = exits
+        if exit_schedule:
+            per_exit = {k: statistics.median([t for t, e in zip(timed, timed_exits) if e == k])
+                        for k in sorted(set(exit_schedule)) if k in timed_exits}
+            result[f"{phase}_step_s_per_exit_step"] = {str(k): round(v, 3) for k, v in per_exit.items()}
+            if len(per_exit) == len(set(exit_schedule)):
+                result[f"{phase}_step_s_mean_over_exit_steps"] = round(
+                    sum(per_exit[k] for k in exit_schedule) / len(exit_schedule), 3)
         result[f"{phase}_tokens_per_s"] = global_tokens / median
         result[f"{phase}_tokens_per_s_per_gpu"] = global_tokens / median / dist.world_size
     if cuda:
@@ -92,17 +127,26 @@ def bench(cfg, dist, steps: int) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=3, help="steps of each kind, the first one warm-up")
+    p.add_argument("--steps", type=int, default=3, help="timed steps of each kind")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps of each kind first (at least one per --exit-steps entry)")
+    p.add_argument("--exit-steps", default=None,
+                   help="comma-separated exit step indices the steps take in turn (e.g. 0,1,2,3); default: drawn as in training")
     p.add_argument("--out", default=None, help="also write the JSON result here (rank 0)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
+    exit_schedule = [int(k) for k in args.exit_steps.split(",")] if args.exit_steps else None
+    if args.steps < 1 or args.warmup < 0:
+        raise SystemExit(f"need --steps >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"):
         cfg = compose("config", overrides=["total_batch_size=null", *args.overrides])
     validate(cfg)
     dist = init_distributed()
     single_process_group(dist)
     try:
-        result = bench(cfg, dist, args.steps)
+        num_steps = len(cfg.method.denoising_step_list)
+        if exit_schedule and not all(0 <= k < num_steps for k in exit_schedule):
+            raise SystemExit(f"--exit-steps must be indices into method.denoising_step_list (0..{num_steps - 1}), got {args.exit_steps}")
+        result = bench(cfg, dist, args.steps, args.warmup, exit_schedule)
     finally:
         destroy()
     result["overrides"] = args.overrides
