@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -44,7 +45,7 @@ from model.wan.vae import WanVAE  # noqa: E402
 from pipeline.cuda_graphs import ChunkGraphs  # noqa: E402
 from pipeline.rollout import rollout  # noqa: E402
 from utils.inference import Item, Student, generate  # noqa: E402
-from utils.speed import LEVERS, apply_levers  # noqa: E402
+from utils.speed import LEVERS, SpeedSchema, apply_levers, resolve_levers  # noqa: E402
 
 OFF = dict.fromkeys(LEVERS, False)
 # The ladder: each configuration adds one lever to the one before ("+" rows of the table).
@@ -63,7 +64,8 @@ PROMPT = "a red car moving left on a street at sunset"
 
 
 def configurations(names: list[str]) -> list[tuple[str, dict]]:
-    """Named lever sets: the ladder's rows (cumulative), "all", "plain", or "all-<lever>" (one off)."""
+    """Named lever sets: the ladder's rows (cumulative), "all", "plain", "all-<lever>" (one off), "only+<lever>",
+    "default" (configs/inference.yaml's speed: block on CUDA) and "default+<lever>-<lever>..." (levers on / off)."""
     ladder, levers = {}, dict(OFF)
     for name, delta in LADDER:
         levers = {**levers, **delta}
@@ -76,10 +78,18 @@ def configurations(names: list[str]) -> list[tuple[str, dict]]:
             out.append((name, dict.fromkeys(LEVERS, True)))
         elif name.startswith("all-") and name[4:] in LEVERS:
             out.append((name, {**dict.fromkeys(LEVERS, True), name[4:]: False}))
+        elif name == "default":
+            out.append((name, resolve_levers(SpeedSchema(), torch.device("cuda"))))
+        elif name.startswith("default") and all(lever in LEVERS for lever in re.split("[+-]", name)[1:]):
+            levers = resolve_levers(SpeedSchema(), torch.device("cuda"))
+            for sign, lever in re.findall("([+-])([a-z_]+)", name[7:]):
+                levers[lever] = sign == "+"
+            out.append((name, levers))
         elif name.startswith("only+") and name[5:] in LEVERS:
             out.append((name, {**OFF, name[5:]: True}))
         else:
-            raise ValueError(f"unknown configuration {name!r}: expected ladder, all, all-<lever>, only+<lever> or one of {list(ladder)}")
+            raise ValueError(f"unknown configuration {name!r}: expected ladder, all, default, all-<lever>, only+<lever>, "
+                             f"default+<lever>-<lever>... or one of {list(ladder)}")
     return out
 
 
@@ -232,7 +242,8 @@ def table(rows: list[dict], device_name: str) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", default="ladder", help="comma list: ladder, plain, +<lever> rows, all, all-<lever>, only+<lever>")
+    p.add_argument("--configs", default="ladder",
+                   help="comma list: ladder, plain, +<lever> rows, all, all-<lever>, only+<lever>, default, default+/-<lever>")
     p.add_argument("--frames", type=int, default=21, help="latent frames (21 -> 81 video frames)")
     p.add_argument("--latent-shape", type=int, nargs=3, default=[16, 60, 104], help="C H W of a latent frame (480x832)")
     p.add_argument("--text-len", type=int, default=512)

@@ -9,6 +9,7 @@ from model.wan.attention import CausalPattern, attention
 from model.wan.kv_cache import CrossAttnCache, KVCache
 from model.wan.text_encoder import WanTextEncoder
 from model.wan.transformer import WanDiT
+import model.wan.vae as wan_vae
 from model.wan.vae import WanVAE, rms_norm_silu
 from tests.wan_folder import TRANSFORMER, tiny_wan_folder  # noqa: F401  (a fixture)
 from tests.wan_tiny import randomize
@@ -57,15 +58,28 @@ def test_cudnn_attention_refuses_cpu_tensors():
         attention(q, q, q, "cudnn")
 
 
-def test_vae_channels_last_stream_decode_equals_plain(tiny_wan_folder):
+def test_vae_channels_last_stream_decode_equals_plain(tiny_wan_folder, monkeypatch):
+    # the fused blocks' functions uncompiled (compiling on a 2-core CPU takes a minute; the GPU test compiles)
+    monkeypatch.setattr(wan_vae, "_compiled_bias_norm_silu", wan_vae.bias_norm_silu)
+    monkeypatch.setattr(wan_vae, "_compiled_bias_residual", wan_vae.bias_residual)
     vae = WanVAE(str(tiny_wan_folder), dtype="float32")
     latents = torch.randn(1, 5, 4, 6, 10, generator=torch.Generator().manual_seed(0))
 
     def streamed():
         decoder = vae.stream_decoder(1)
-        return torch.cat([decoder.decode(latents[:, :2]), decoder.decode(latents[:, 2:])], dim=1)
+        # a 1-frame call first: the caches start with one frame, as in a rollout's first chunk
+        return torch.cat([decoder.decode(latents[:, :1]), decoder.decode(latents[:, 1:3]), decoder.decode(latents[:, 3:])], dim=1)
 
     plain = streamed()
+    for setter in ("set_implicit_padding", "set_fused_blocks"):  # alone, then with channels-last
+        for channels_last in (False, True):
+            vae.set_channels_last(channels_last)
+            getattr(vae, setter)(True)
+            fast = streamed()
+            getattr(vae, setter)(False)
+            err = ((fast - plain).abs().max() / plain.abs().max()).item()
+            assert err <= 1e-5, (setter, channels_last, err)
+    vae.set_channels_last(False)
     for setter in ("set_channels_last", "set_stacked_convs"):  # each alone, then both
         getattr(vae, setter)(True)
         fast = streamed()
@@ -81,6 +95,17 @@ def test_vae_channels_last_stream_decode_equals_plain(tiny_wan_folder):
     x = torch.randn(1, block.norm1.gamma.shape[0], 2, 6, 10)
     assert torch.equal(rms_norm_silu(x, block.norm1.gamma, block.norm1.bias, block.norm1.scale),
                        block.nonlinearity(block.norm1(x)))
+
+
+def test_vae_upsamples_in_its_own_dtype_exactly(tiny_wan_folder):
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanUpsample
+
+    vae = WanVAE(str(tiny_wan_folder), dtype="bfloat16")
+    ups = [m for m in vae.model.modules() if isinstance(m, WanUpsample)]
+    assert ups and all(type(m) is wan_vae._NearestUpsample for m in ups)
+    x = torch.randn(2, 8, 5, 7, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    out = ups[0](x)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, WanUpsample.forward(ups[0], x))
 
 
 def test_filled_cross_cache_and_reused_memory_give_the_same_chunks():

@@ -106,21 +106,23 @@ def test_vae_levers_match_plain_decode(tiny_wan_folder):
         return torch.cat([decoder.decode(latents[:, :3]), decoder.decode(latents[:, 3:])], dim=1)
 
     plain = streamed()
-    vae.set_channels_last(True)
-    vae.set_fused_norms(True)
-    vae.set_stacked_convs(True)
-    torch.backends.cudnn.benchmark = True
-    try:
-        fast = streamed()
-    finally:
-        torch.backends.cudnn.benchmark = False
-        vae.set_channels_last(False)
-        vae.set_fused_norms(False)
-        vae.set_stacked_convs(False)
-    err = rel_err(fast, plain)
     floor = bf16_decode_floor(tiny_wan_folder, latents)
-    print(f"VAE channels-last + fused norms + stacked convs + cudnn.benchmark: max rel err {err:.2e} (bf16 vs fp32: {floor:.2e})")
-    assert err <= max(BF16_TOL, 2 * floor)
+    for setters in (("set_stacked_convs",), ("set_implicit_padding", "set_fused_blocks")):
+        vae.set_channels_last(True)
+        vae.set_fused_norms(True)
+        for setter in setters:
+            getattr(vae, setter)(True)
+        torch.backends.cudnn.benchmark = True
+        try:
+            fast = streamed()
+        finally:
+            torch.backends.cudnn.benchmark = False
+            for setter in ("set_channels_last", "set_fused_norms", *setters):
+                getattr(vae, setter)(False)
+        err = rel_err(fast, plain)
+        print(f"VAE channels-last + fused norms + {' + '.join(setters)} + cudnn.benchmark: max rel err {err:.2e} "
+              f"(bf16 vs fp32: {floor:.2e})")
+        assert err <= max(BF16_TOL, 2 * floor)
 
 
 @torch.no_grad()

@@ -26,9 +26,11 @@ class SpeedSchema:
     fused_elementwise: Optional[bool] = None  # torch.compile the blocks' norms, modulation, RoPE, gated residuals
     cuda_graphs: Optional[bool] = None  # capture one CUDA graph per chunk position and replay it
     vae_channels_last: Optional[bool] = None  # channels-last 3-D convolutions in the VAE decoder
-    vae_fused_norm: Optional[bool] = None  # torch.compile the VAE residual blocks' RMS norm + SiLU
+    vae_fused_norm: Optional[bool] = None  # torch.compile the VAE's RMS norm + SiLU (residual blocks, output heads)
     vae_stacked_conv: Optional[bool] = False  # the VAE decoder's 3-D convolutions as 2-D ones over stacked frames; off: measured slower, +0.9 GiB
     cudnn_benchmark: Optional[bool] = None  # let cuDNN time its convolution algorithms once per shape
+    vae_implicit_padding: Optional[bool] = False  # the VAE decoder's other convs pad spatially themselves; off: +0.23 GiB peak for 0.01 s
+    vae_fused_block: Optional[bool] = None  # the VAE decoder's residual blocks: bias + norm + SiLU and bias + residual compiled, lean memory
     decode_stream: Optional[bool] = False  # decode each chunk on a second CUDA stream; off: measured no faster, later first chunk
 
 
@@ -63,7 +65,8 @@ def apply_levers(generator, vae, levers: dict[str, bool]):
         generator.set_attention_backend("cudnn")
     generator.set_fused_elementwise(levers["fused_elementwise"])
     for lever, setter in (("vae_channels_last", "set_channels_last"), ("vae_fused_norm", "set_fused_norms"),
-                          ("vae_stacked_conv", "set_stacked_convs")):
+                          ("vae_stacked_conv", "set_stacked_convs"), ("vae_implicit_padding", "set_implicit_padding"),
+                          ("vae_fused_block", "set_fused_blocks")):
         if hasattr(vae, setter):
             getattr(vae, setter)(levers[lever])
         elif levers[lever]:

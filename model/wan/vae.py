@@ -18,7 +18,13 @@ import inspect
 import diffusers
 import torch
 from diffusers import AutoencoderKLWan
-from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResidualBlock, WanRMS_norm, unpatchify
+from diffusers.models.autoencoders.autoencoder_kl_wan import (
+    WanCausalConv3d,
+    WanResidualBlock,
+    WanRMS_norm,
+    WanUpsample,
+    unpatchify,
+)
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
@@ -74,10 +80,15 @@ class WanVAE(torch.nn.Module):
             sorted(str(m) for m in info["mismatched_keys"]), f"{folder / 'vae'} does not match AutoencoderKLWan",
         )
         check_decoder_internals(vae)
+        for module in vae.modules():  # exact: nearest upsampling copies values, in any dtype
+            if type(module) is WanUpsample and module.mode in ("nearest", "nearest-exact"):
+                module.__class__ = _NearestUpsample
         self.model = vae.requires_grad_(False).eval()
         self.channels_last = False  # set_channels_last
         self.fused_norms = False  # set_fused_norms
         self.stacked_convs = False  # set_stacked_convs
+        self.implicit_padding = False  # set_implicit_padding
+        self.fused_blocks = False  # set_fused_blocks
         cfg = vae.config
         self.latent_channels = cfg.z_dim
         # Derived from the architecture (one 2x step per down block, patchify on top), so a Wan2.2
@@ -109,10 +120,19 @@ class WanVAE(torch.nn.Module):
         self.channels_last = bool(enabled)
 
     def set_fused_norms(self, enabled: bool) -> None:
-        """Run each residual block's RMS norm and the SiLU after it as one torch.compile'd function
-        (the norm upcasts to float32 and makes five passes over full-resolution activations)."""
+        """Run each residual block's RMS norm and the SiLU after it, and the encoder's and decoder's output
+        norm and SiLU, as one torch.compile'd function (the norm upcasts to float32 and makes five passes
+        over full-resolution activations)."""
         if enabled:  # one graph per layout the decoder feeds it (channels-last or not, 1 or 4 frames, cache or not)
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        # the heads: norm_out then nonlinearity, which their forward uses nowhere else
+        for block in (self.model.encoder, self.model.decoder):
+            if enabled and not isinstance(block.norm_out, _RMSNormSiLU):
+                block.silu, block.nonlinearity = block.nonlinearity, torch.nn.Identity()
+                block.norm_out.__class__ = _RMSNormSiLU
+            elif not enabled and isinstance(block.norm_out, _RMSNormSiLU):
+                block.nonlinearity = block.silu
+                block.norm_out.__class__ = WanRMS_norm
         for block in self.model.modules():
             if isinstance(block, WanResidualBlock):
                 if enabled and not isinstance(block.norm1, _RMSNormSiLU):
@@ -138,6 +158,22 @@ class WanVAE(torch.nn.Module):
                     conv.__class__ = WanCausalConv3d
                     conv.weight2d = None
         self.stacked_convs = bool(enabled)
+
+    def set_implicit_padding(self, enabled: bool) -> None:
+        """Let the convolution pad the decoder's causal 3-D convolutions spatially (cuDNN reads zeros at
+        the border) instead of writing a zero-padded copy of every input first; same sum. The fused
+        residual blocks (set_fused_blocks) always pad this way; this covers the decoder's other convs."""
+        _swap_class(self.model.decoder, WanCausalConv3d, _ImplicitPadCausalConv3d, enabled)
+        self.implicit_padding = bool(enabled)
+
+    def set_fused_blocks(self, enabled: bool) -> None:
+        """Run each decoder residual block as its two convolutions between compiled kernels (conv bias +
+        RMS norm + SiLU, conv bias + residual add), with spatial padding left to the convolution and
+        every intermediate freed as soon as it is used (_FusedResidualBlock)."""
+        if enabled:  # one graph per layout, channel count and cache state the decoder feeds it
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        _swap_class(self.model.decoder, WanResidualBlock, _FusedResidualBlock, enabled)
+        self.fused_blocks = bool(enabled)
 
     def train(self, mode: bool = True):
         return super().train(False)  # frozen
@@ -176,6 +212,14 @@ class WanVAE(torch.nn.Module):
         return WanStreamDecoder(self, batch_size)
 
 
+def _swap_class(root: torch.nn.Module, plain: type, fast: type, enabled: bool) -> None:
+    """Every module of exactly class `plain` under root becomes `fast` (enabled) or back: same parameters."""
+    old, new = (plain, fast) if enabled else (fast, plain)
+    for module in root.modules():
+        if type(module) is old:
+            module.__class__ = new
+
+
 def rms_norm_silu(x: torch.Tensor, gamma: torch.Tensor, bias, scale: float) -> torch.Tensor:
     """WanRMS_norm (channels first, float32 normalisation) followed by SiLU, as diffusers computes them."""
     normalized = torch.nn.functional.normalize(x.float(), dim=1).to(x.dtype)
@@ -193,6 +237,101 @@ class _RMSNormSiLU(WanRMS_norm):
         return _compiled_rms_norm_silu(x, self.gamma, self.bias, self.scale)
 
 
+def bias_norm_silu(x: torch.Tensor, gamma: torch.Tensor, bias, scale: float, conv_bias: torch.Tensor | None) -> torch.Tensor:
+    """SiLU(WanRMS_norm(x + conv_bias)) with channels last: x [B, T, H, W, C] is the previous conv's output
+    without its bias (or the block's input, conv_bias None). The bias add rounds to x's dtype, as the
+    convolution's own bias add does, and the norm is diffusers' (float32 normalisation)."""
+    if conv_bias is not None:
+        x = (x.float() + conv_bias.float()).to(x.dtype)
+    y = torch.nn.functional.normalize(x.float(), dim=-1).to(x.dtype)
+    return torch.nn.functional.silu(y * scale * gamma + bias)
+
+
+def bias_residual(x: torch.Tensor, conv_bias: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+    """(x + conv_bias) + shortcut, each sum rounded to x's dtype as the two eager adds are."""
+    return ((x.float() + conv_bias.float()).to(x.dtype).float() + shortcut.float()).to(x.dtype)
+
+
+_compiled_bias_norm_silu = torch.compile(bias_norm_silu, fullgraph=True, dynamic=True)
+_compiled_bias_residual = torch.compile(bias_residual, fullgraph=True, dynamic=True)
+
+
+def _channels_last_view(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 2, 3, 4, 1)  # [B, C, T, H, W] -> [B, T, H, W, C]: a view, contiguous if x is channels-last
+
+
+def _channels_first_view(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 4, 1, 2, 3)
+
+
+class _FusedResidualBlock(WanResidualBlock):
+    """WanResidualBlock for the streaming decoder (set_fused_blocks): same parameters, same feature-cache
+    frames, same sums up to bf16 rounding. Each conv's bias goes into the compiled kernel after it (the
+    next norm, or the residual add) instead of a pass of its own; the causal conv's input is one
+    concatenation [zero frames, cached frames, SiLU(norm(x))] along T with channels last, padded
+    spatially by the convolution; and each tensor is let go as soon as it is used, so that at full
+    resolution only the block's input, one conv input, its output and the new cache are alive."""
+
+    def forward(self, x: torch.Tensor, feat_cache=None, feat_idx=[0]) -> torch.Tensor:  # noqa: B006 (diffusers' signature)
+        # x: [B, C, T, H, W]; inside, [B, T, H, W, C] views (contiguous when x is channels-last)
+        convs = (self.conv1, self.conv2)
+        if feat_cache is None or any(type(c) not in (WanCausalConv3d, _ImplicitPadCausalConv3d) for c in convs):
+            return WanResidualBlock.forward(self, x, feat_cache, feat_idx)
+        shortcut = _channels_last_view(self.conv_shortcut(x))
+        h, bias = _channels_last_view(x), None
+        del x
+        for norm, conv in zip((self.norm1, self.norm2), convs):
+            idx = feat_idx[0]
+            feat_idx[0] += 1
+            norm_bias = norm.bias.view(-1) if isinstance(norm.bias, torch.Tensor) else norm.bias
+            y = _compiled_bias_norm_silu(h, norm.gamma.view(-1), norm_bias, norm.scale, bias)
+            del h
+            cache = None if feat_cache[idx] is None else _channels_last_view(feat_cache[idx])
+            seen = [y] if cache is None else [cache, y]
+            time_pad = conv._padding[4] - sum(t.shape[1] for t in seen[:-1])
+            zeros = [y.new_zeros((y.shape[0], time_pad, *y.shape[2:]))] if time_pad > 0 else []
+            frames = torch.cat([*zeros, *seen], dim=1)
+            # the last two frames of [cache, y], as diffusers keeps them
+            new_cache = y[:, -2:].clone() if y.shape[1] >= 2 else torch.cat([t[:, -1:] for t in seen[-2:]], dim=1)
+            feat_cache[idx] = _channels_first_view(new_cache)  # the entry's usual [B, C, T, H, W], channels-last
+            del y, cache, seen, new_cache
+            h = _channels_last_view(torch.nn.functional.conv3d(
+                _channels_first_view(frames), conv.weight, None, conv.stride, (0, conv._padding[2], conv._padding[0])))
+            del frames
+            bias = conv.bias
+        return _channels_first_view(_compiled_bias_residual(h, bias, shortcut))
+
+
+class _NearestUpsample(WanUpsample):
+    """WanUpsample without its float32 round trip: nearest upsampling copies values, so upsampling in
+    bf16 gives the same numbers with a third of the memory traffic (and no float32 copy at full resolution)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.interpolate(x, self.size, self.scale_factor, self.mode, self.align_corners,
+                                               recompute_scale_factor=self.recompute_scale_factor)
+
+
+def _causal_time_pad(x: torch.Tensor, cache_x: torch.Tensor | None, t_pad: int) -> torch.Tensor:
+    """[cache_x, x] along T, zero frames in front for what the cache lacks of t_pad: WanCausalConv3d's time padding."""
+    if cache_x is not None and t_pad > 0:
+        x = torch.cat([cache_x.to(x.device), x], dim=2)
+        t_pad -= cache_x.shape[2]
+    if t_pad > 0:
+        x = torch.nn.functional.pad(x, (0, 0, 0, 0, t_pad, 0))
+    return x
+
+
+class _ImplicitPadCausalConv3d(WanCausalConv3d):
+    """WanCausalConv3d with the spatial zero padding done by the convolution itself (set_implicit_padding):
+    only the causal time padding (the cached frames, or zeros at the start) is written out."""
+
+    def forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
+        # x: [B, C, T, H, W] -> [B, C_out, T', H', W']
+        x = _causal_time_pad(x, cache_x, self._padding[4])
+        return torch.nn.functional.conv3d(x, self.weight, self.bias, self.stride, (0, self._padding[2], self._padding[0]),
+                                          self.dilation, self.groups)
+
+
 class _StackedCausalConv3d(WanCausalConv3d):
     """WanCausalConv3d computed as one 2-D convolution: output frame t reads input frames t .. t+k_t-1,
     stacked along channels, against the k_t temporal slices of the weight laid side by side. Same sum,
@@ -205,12 +344,7 @@ class _StackedCausalConv3d(WanCausalConv3d):
 
     def forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
         # x: [B, C, T, H, W] -> [B, C_out, T - k_t + 1 + causal padding, H, W]
-        t_pad = self._padding[4]
-        if cache_x is not None and t_pad > 0:
-            x = torch.cat([cache_x.to(x.device), x], dim=2)
-            t_pad -= cache_x.shape[2]
-        if t_pad > 0:
-            x = torch.nn.functional.pad(x, (0, 0, 0, 0, t_pad, 0))
+        x = _causal_time_pad(x, cache_x, self._padding[4])
         batch, kt = x.shape[0], self.kernel_size[0]
         t_out = x.shape[2] - kt + 1
         frames = x.permute(0, 2, 3, 4, 1)  # [B, T, H, W, C]: a view when x is channels-last
