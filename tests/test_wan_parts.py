@@ -194,3 +194,14 @@ def test_missing_shard_and_folder_are_named(tiny_wan_folder, tmp_path):
         check_wan_folder(folder)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         check_wan_folder(tmp_path / "nowhere", parts=("vae",))
+
+
+def test_auto_attention_backend_is_cudnn_only_where_it_runs():
+    from model.wan.attention import resolve_backend
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_backend("auto", cuda, torch.bfloat16) == "cudnn"
+    assert resolve_backend("auto", cuda, torch.float16) == "cudnn"
+    assert resolve_backend("auto", cuda, torch.float32) == "sdpa"  # cuDNN attention has no fp32 kernel
+    assert resolve_backend("auto", cpu, torch.bfloat16) == "sdpa"
+    assert resolve_backend("flash_attn", cpu, torch.float32) == "flash_attn"  # a named backend is kept (and checked later)

@@ -16,6 +16,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from model.base import SelfForcingModel
+from model.wan.attention import resolve_backend
 from model.wan.transformer import WanDiT
 from model.wan.weights import load_backbone, load_strict, read_state_dict
 from utils.config import method_config
@@ -107,21 +108,23 @@ def build_method(cfg: DictConfig, device: torch.device) -> SelfForcingModel:
     else:  # a weights file (e.g. a pretrained bidirectional denoiser)
         fake_score = build_backbone(cfg, m.critic_init)
     dtype = DTYPES[m.dtype]
+    backend = resolve_backend(m.attention_backend, device, dtype)
+    fused = device.type == "cuda" if m.fused_elementwise is None else m.fused_elementwise
     for name, net in (("generator", generator), ("critic", fake_score)):
         # trained networks keep fp32 master weights (a 2e-6 AdamW step vanishes in bf16) and compute
         # in model.dtype under autocast, as mixed-precision training does
         net.to(device=device).float().train().requires_grad_(True)
         net.autocast_dtype = None if dtype == torch.float32 else dtype
-        net.set_attention_backend(m.attention_backend)
+        net.set_attention_backend(backend)
         if m.gradient_checkpointing:
             net.enable_gradient_checkpointing()
             net.checkpoint_policy = m.checkpoint_policy[name]
-        net.set_fused_elementwise(m.fused_elementwise)
+        net.set_fused_elementwise(fused)
     if isinstance(real_score, WanDiT):
         if real_score.dtype != dtype:
             real_score.to(dtype=dtype)
-        real_score.set_attention_backend(m.attention_backend)
-        real_score.set_fused_elementwise(m.fused_elementwise)
+        real_score.set_attention_backend(backend)
+        real_score.set_fused_elementwise(fused)
     cls = get_class(cfg.method._target_)
     return cls(generator, real_score, fake_score, text_encoder, vae, method_config(cfg), tuple(m.latent_shape))
 

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from model.base import MethodConfig
 from model.schedule import FlowSchedule
+from model.wan.attention import resolve_backend
 from model.wan.kv_cache import CrossAttnCache, KVCache
 from model.wan.transformer import WanDiT
 from model.wan.weights import SELF_FORCING_KEYS, WeightMismatchError, load_strict, read_state_dict
@@ -236,12 +237,13 @@ def build_student(node: DictConfig, method: MethodConfig, source: Source, device
     else:
         load_strict(generator, read_state_dict(source.path, source.key), source=str(source.path))
     generator.to(device=device, dtype=DTYPES[m.dtype]).eval().requires_grad_(False)
-    generator.set_attention_backend(m.attention_backend)
+    backend = resolve_backend(m.attention_backend, device, DTYPES[m.dtype])
+    generator.set_attention_backend(backend)
     text_encoder = instantiate(m.text_encoder).eval().requires_grad_(False).to(device)
     vae = instantiate(m.vae).eval().requires_grad_(False).to(device)
     metrics = node.data.get("metrics")
     threshold = metrics.match_threshold if world is not None and metrics is not None else None
-    levers = resolve_levers(speed if speed is not None else SpeedSchema(), device, m.attention_backend)
+    levers = resolve_levers(speed if speed is not None else SpeedSchema(), device, backend)
     runner, stream = apply_levers(generator, vae, levers)
     return Student(generator, text_encoder, vae, method, tuple(m.latent_shape), world, threshold, runner, stream)
 
