@@ -16,15 +16,17 @@ from safetensors.torch import load_file, save_file
 
 import train
 import utils.inference as inference
+import utils.student as student
 from model.wan.transformer import WanDiT
 from model.wan.weights import diffusers_to_wan, load_strict, read_state_dict
 from tests.train_setup import CONFIGS, TINY, compose_config
 from utils.build import build_method
+from utils.checkpoint import find_checkpoint
 from utils.config import validate
 from utils.evaluation import sample
 
 # The tiny run's model / method / data, for a .pt whose config comes from the groups.
-TINY_GROUPS = [o for o in TINY if o.split(".")[0] in inference.GROUPS]
+TINY_GROUPS = [o for o in TINY if o.split(".")[0] in student.GROUPS]
 # 5 steps: generator updates at 0, 2, 4 and EMA from step 1, so the EMA differs from the generator.
 TRAIN = ("max_steps=5", "eval.at_start=false", "checkpoint.keep=1")
 
@@ -35,7 +37,7 @@ def compose_inference(*overrides: str):
 
 
 def infer(out: Path, *overrides: str, groups: list[str] = ()) -> dict:
-    return inference.run(compose_inference(*overrides), out, inference.group_overrides(list(groups)))
+    return inference.run(compose_inference(*overrides), out, student.group_overrides(list(groups)))
 
 
 def latents(out: Path, index: dict) -> torch.Tensor:
@@ -59,7 +61,7 @@ def method_and_ema(run_dir):
     """Training's own method (build_method) with the exported EMA weights: what its evaluation sampled with."""
     method = build_method(compose_config(*TRAIN), torch.device("cpu"))
     generator = WanDiT(**method.generator.config)
-    export = inference.find_checkpoint(run_dir) / "export" / "model.safetensors"
+    export = find_checkpoint(run_dir) / "export" / "model.safetensors"
     load_strict(generator, read_state_dict(export))
     return method, generator.eval()
 
@@ -124,7 +126,7 @@ def test_use_ema_false_loads_the_raw_generator(run_dir, tmp_path):
 
 def test_self_forcing_pt_equals_export(run_dir, tmp_path):
     """Tiny random weights as an export (diffusers names) and as a Self-Forcing .pt (original Wan names)."""
-    config = json.loads((inference.find_checkpoint(run_dir) / "export" / "config.json").read_text())
+    config = json.loads((find_checkpoint(run_dir) / "export" / "config.json").read_text())
     torch.manual_seed(11)
     weights = {k: torch.randn_like(v) * 0.1 for k, v in WanDiT(**config["backbone"]).state_dict().items()}
     (tmp_path / "export").mkdir()
@@ -137,7 +139,7 @@ def test_self_forcing_pt_equals_export(run_dir, tmp_path):
     from_export = infer(tmp_path / "a", f"checkpoint={tmp_path / 'export' / 'model.safetensors'}", prompts, "save_latents=true")
     from_pt = infer(tmp_path / "b", f"checkpoint={tmp_path / 'sf.pt'}", prompts, "save_latents=true", *TINY_GROUPS)
     assert from_pt["weights"] == "ema" and from_pt["checkpoint"].endswith("sf.pt")
-    assert inference.resolve_checkpoint(str(tmp_path / "sf.pt"), False).key == "generator"
+    assert student.resolve_checkpoint(str(tmp_path / "sf.pt"), False).key == "generator"
     a, b = latents(tmp_path / "a", from_export), latents(tmp_path / "b", from_pt)
     assert a.abs().max() > 0.1 and torch.equal(a, b)
 
@@ -145,7 +147,7 @@ def test_self_forcing_pt_equals_export(run_dir, tmp_path):
 def test_bad_input_fails_before_any_file(run_dir, tmp_path):
     (tmp_path / "empty.txt").write_text("\n  \n")
     out = tmp_path / "out"
-    export = inference.find_checkpoint(run_dir) / "export" / "model.safetensors"
+    export = find_checkpoint(run_dir) / "export" / "model.safetensors"
     cases = [
         ([f"checkpoint={tmp_path / 'nope'}"], [], FileNotFoundError, "does not exist; expected a training run directory"),
         ([f"checkpoint={tmp_path}"], [], FileNotFoundError, "no complete checkpoint"),

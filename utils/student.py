@@ -1,0 +1,207 @@
+"""Load a trained student for inference: where its weights are, the config that describes them, and
+the generator, text encoder and VAE built from it with the speed levers applied.
+
+`resolve_checkpoint` accepts a run directory, a step directory, an exported model.safetensors (with
+the config.json training wrote beside it) or an original Self-Forcing .pt, and chooses EMA or raw
+generator weights without loading tensors; `run_config` gives the {model, method, data} config that
+describes them; `build_student` builds the `Student` the generation loop (utils/inference.py) runs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from model.base import MethodConfig
+from model.schedule import FlowSchedule
+from model.wan.attention import resolve_backend
+from model.wan.kv_cache import CrossAttnCache, KVCache
+from model.wan.transformer import WanDiT
+from model.wan.weights import SELF_FORCING_KEYS, load_strict, read_state_dict
+from pipeline.cuda_graphs import ChunkGraphs
+from utils.build import DTYPES, backbone_config
+from utils.checkpoint import CheckpointManager, find_checkpoint
+from utils.speed import SpeedSchema, apply_levers, resolve_levers
+
+GROUPS = ("model", "method", "data")  # config groups shared with training
+CHECKPOINT_FORMS = (
+    "a training run directory, a step directory (<run>/checkpoints/step_XXXXXX), an exported "
+    "model.safetensors with its config.json beside it, or a Self-Forcing .pt holding generator / generator_ema"
+)
+
+
+# ---------------------------------------------------------------------------- the checkpoint
+@dataclass
+class Source:
+    """Where the weights are and which config describes them (None: the config groups)."""
+
+    path: Path  # the file the weights come from
+    config: dict | None  # export/config.json, or None for a Self-Forcing .pt
+    weights: str  # "ema" | "generator": what is loaded
+    key: str | None = None  # the .pt entry (generator_ema / generator)
+    step_dir: Path | None = None  # resume state holding the raw generator (use_ema=false on an EMA export)
+
+
+def resolve_checkpoint(checkpoint: str, use_ema: bool | None) -> Source:
+    """Find the weights `checkpoint` names and decide EMA vs generator, without loading tensors."""
+    path = Path(str(checkpoint)).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint={checkpoint} does not exist; expected {CHECKPOINT_FORMS}")
+    if path.is_file() and path.suffix in (".pt", ".pth"):
+        return _self_forcing_source(path, use_ema)
+    if path.is_dir():
+        export = find_checkpoint(path) / "export" / "model.safetensors"
+    elif path.suffix == ".safetensors":
+        export = path
+    else:
+        raise ValueError(f"checkpoint={checkpoint} is neither a directory, a .safetensors nor a .pt file; expected {CHECKPOINT_FORMS}")
+    config_path = export.parent / "config.json"
+    if not export.is_file() or not config_path.is_file():
+        raise FileNotFoundError(f"{export.parent} lacks model.safetensors or config.json; expected a training export")
+    config = json.loads(config_path.read_text())
+    lacking = [k for k in ("backbone", "method", "model", "data", "weights") if k not in config]
+    if lacking:
+        raise ValueError(
+            f"{config_path} lacks {lacking}: not a training export (utils/checkpoint.py). For bare weights, "
+            "convert them to a Self-Forcing .pt and choose the model with model=... method=... data=..."
+        )
+    step_dir = export.parent.parent if (export.parent.parent / "meta.json").is_file() else None
+    exported = config["weights"]
+    if use_ema is True and exported != "ema":
+        raise ValueError(
+            f"use_ema=true, but {export} holds the raw generator: it was exported before EMA started "
+            f"(ema_start_step). Pass use_ema=false (or leave it null) to use the generator, or a later checkpoint"
+        )
+    if use_ema is False and exported == "ema":
+        if step_dir is None:
+            raise ValueError(
+                f"use_ema=false, but {export} holds only the EMA weights; the raw generator is in the step "
+                "directory's resume state: pass checkpoint=<run>/checkpoints/step_XXXXXX use_ema=false"
+            )
+        return Source(step_dir, config, "generator", step_dir=step_dir)
+    return Source(export, config, exported)
+
+
+def _self_forcing_source(path: Path, use_ema: bool | None) -> Source:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    present = [k for k in SELF_FORCING_KEYS if isinstance(checkpoint, dict) and k in checkpoint]
+    if not present or present == ["critic"]:
+        raise ValueError(f"{path} holds neither 'generator_ema' nor 'generator'; expected a Self-Forcing checkpoint")
+    wanted = {True: ["generator_ema"], False: ["generator"], None: ["generator_ema", "generator"]}[use_ema]
+    key = next((k for k in wanted if k in present), None)
+    if key is None:
+        raise KeyError(f"use_ema={str(use_ema).lower()} asks for {wanted[0]!r}, but {path} holds {present}; "
+                       f"pass use_ema={'false' if use_ema else 'true'}")
+    return Source(path, None, "ema" if key == "generator_ema" else "generator", key=key)
+
+
+def group_overrides(task_overrides: list[str]) -> list[str]:
+    """The command line's overrides of the model / method / data groups: their keys (`model.dtype`) or
+    group choices (`model`); for an export they apply on top of its config.json."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(task_overrides))
+    out = []
+    for o in parsed:
+        if o.key_or_group.split(".")[0] in GROUPS:
+            out.append(("~" if o.is_delete() else "") + o.key_or_group)
+    return out
+
+
+def run_config(cfg: DictConfig, source: Source, overrides: list[str]) -> DictConfig:
+    """{model, method, data} describing the student: export/config.json with the command line's key
+    overrides on top, or, for a Self-Forcing .pt, the config groups of inference.yaml."""
+    if source.config is None:
+        node = OmegaConf.create({g: OmegaConf.to_container(cfg[g], resolve=False) for g in GROUPS})
+    else:
+        node = OmegaConf.create({g: source.config[g] for g in GROUPS})
+        if not node.model.backbone:  # trained from model.path: the export holds the folder's config, resolved
+            node.model.backbone = source.config["backbone"]
+        for key in overrides:
+            if "." not in key or key.startswith("~"):
+                raise ValueError(
+                    f"the override {key!r} picks or removes a config group, but {source.path} is a training "
+                    "export whose config.json fixes the model; override single keys (e.g. model.dtype=bfloat16)"
+                )
+            OmegaConf.update(node, key, OmegaConf.select(cfg, key), merge=False, force_add=True)
+    OmegaConf.resolve(node)
+    return node
+
+
+# ---------------------------------------------------------------------------- the student
+@dataclass
+class Student:
+    """The generator and how it rolls out; it has the attributes of SelfForcingModel that
+    utils/evaluation.py reads (pattern, cfg, steps, schedule, latent_shape), so `long_pattern` applies."""
+
+    generator: WanDiT
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    cfg: MethodConfig
+    latent_shape: tuple
+    world: Any = None  # the toy world, for ground-truth metrics
+    match_threshold: float | None = None
+    runner: Any = None  # what the rollout calls: the generator, or its CUDA graphs (utils/speed.py)
+    decode_stream: Any = None  # a CUDA stream that chunks decode on, overlapping the generator; None: in line
+
+    def __post_init__(self):
+        self.schedule = FlowSchedule(self.cfg.timestep_shift)
+        self.steps = self.schedule.denoising_steps(self.cfg.denoising_step_list, self.cfg.warp_denoising_step)
+        self.pattern = self.cfg.pattern
+        self.runner = self.runner or self.generator
+        self._caches: tuple = (None, None, None)  # (key, KVCache, CrossAttnCache), kept across batches
+
+    def caches(self, batch: int, num_frames: int, pattern, latent_hw) -> tuple[KVCache, CrossAttnCache]:
+        """Static KV and cross-attention caches, reset, reused while the batch and clip shape stay."""
+        key = (batch, num_frames, pattern, tuple(latent_hw))
+        if self._caches[0] != key:
+            if isinstance(self.runner, ChunkGraphs):  # graphs captured against the old caches
+                self.runner.clear()
+            self._caches = (None, None, None)  # free the old cache before allocating the new one
+            kv = KVCache.for_model(self.generator, pattern, batch_size=batch, latent_hw=latent_hw, max_frames=num_frames)
+            self._caches = (key, kv, CrossAttnCache(self.generator.config.num_layers))
+        _, kv, cross = self._caches
+        kv.reset()
+        cross.reset()
+        return kv, cross
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.generator.parameters()).device
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        param = next(self.generator.parameters())  # as SelfForcingModel.encode: the generator's device and dtype
+        return self.text_encoder(prompts)["prompt_embeds"].to(device=param.device, dtype=param.dtype)
+
+
+def method_of(node: DictConfig) -> MethodConfig:
+    """The rollout knobs; knobs of particular losses (sid_alpha, ...) do not matter here."""
+    known = {f.name for f in fields(MethodConfig)}
+    return MethodConfig(**{k: v for k, v in OmegaConf.to_container(node.method).items() if k in known})
+
+
+def build_student(node: DictConfig, method: MethodConfig, source: Source, device: torch.device, world=None,
+                  speed=None) -> Student:
+    m = node.model
+    generator = WanDiT(**backbone_config(node))
+    if source.step_dir is not None:  # the raw generator from the DCP resume state
+        CheckpointManager(source.step_dir.parent.parent, keep=0).load(source.step_dir, {"generator": generator})
+    else:
+        load_strict(generator, read_state_dict(source.path, source.key), source=str(source.path))
+    generator.to(device=device, dtype=DTYPES[m.dtype]).eval().requires_grad_(False)
+    backend = resolve_backend(m.attention_backend, device, DTYPES[m.dtype])
+    generator.set_attention_backend(backend)
+    text_encoder = instantiate(m.text_encoder).eval().requires_grad_(False).to(device)
+    vae = instantiate(m.vae).eval().requires_grad_(False).to(device)
+    metrics = node.data.get("metrics")
+    threshold = metrics.match_threshold if world is not None and metrics is not None else None
+    levers = resolve_levers(speed if speed is not None else SpeedSchema(), device, backend)
+    runner, stream = apply_levers(generator, vae, levers)
+    return Student(generator, text_encoder, vae, method, tuple(m.latent_shape), world, threshold, runner, stream)
