@@ -15,7 +15,6 @@ clip are skipped with a warning. Shards: utils/data.py; every rank writes its ow
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -29,14 +28,12 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
-from utils.config import validate  # noqa: E402
-from utils.data import fill_shards, placement  # noqa: E402
+from utils.config import compose_checked  # noqa: E402
+from utils.data import fill_shards, placement, shard_script_parser  # noqa: E402
 from utils.distributed import barrier, log0  # noqa: E402
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 FILE_COLUMNS, PROMPT_COLUMNS = ("file", "video", "path", "filename"), ("prompt", "caption", "text")
 
@@ -140,20 +137,13 @@ def encode_videos(cfg: DictConfig, items: list[tuple[Path, str]], out: str | Pat
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = shard_script_parser(__doc__, "clips", "clips encoded at once")
     p.add_argument("--videos", required=True, help="a video file or a folder of videos")
     p.add_argument("--prompts", required=True, help="CSV / JSON mapping video file -> prompt")
-    p.add_argument("--out", required=True, help="folder for shard_*.safetensors")
     p.add_argument("--fps", type=float, default=16.0, help="resample to this frame rate (Wan: 16); 0 = keep every frame")
-    p.add_argument("--shard-size", type=int, default=64, help="clips per shard file")
-    p.add_argument("--batch-size", type=int, default=1, help="clips encoded at once")
-    p.add_argument("--overwrite", action="store_true", help="redo shards that already exist")
-    p.add_argument("overrides", nargs="*", help="Hydra overrides of the training config (experiment=, model=)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose("config", overrides=args.overrides)
-    validate(cfg)  # a missing Wan file is named before the VAE loads
+    cfg = compose_checked(args.overrides)
     items = list_videos(args.videos, read_prompt_map(args.prompts))
     with torch.no_grad():
         written = encode_videos(cfg, items, args.out, shard_size=args.shard_size, batch_size=args.batch_size,

@@ -19,7 +19,6 @@ killed job resumes at any size. One process is world size 1.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -30,15 +29,12 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hydra import compose, initialize_config_dir  # noqa: E402
-
 from model.ode_regression import ODERegression  # noqa: E402
 from utils.build import DTYPES, build_method  # noqa: E402
-from utils.config import validate  # noqa: E402
-from utils.data import PromptFile, fill_shards, placement  # noqa: E402
+from utils.config import compose_checked  # noqa: E402
+from utils.data import PromptFile, fill_shards, placement, shard_script_parser  # noqa: E402
 from utils.distributed import barrier, log0  # noqa: E402
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PHASE = "ode_pairs"  # keys the noise streams, apart from training's generator / critic draws
 
 
@@ -98,19 +94,12 @@ def generate_ode_pairs(cfg: DictConfig, prompts: Sequence[str], out: str | Path,
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = shard_script_parser(__doc__, "items", "trajectories sampled at once per GPU")
     p.add_argument("--prompts", required=True, help="text file, one prompt per line")
-    p.add_argument("--out", required=True, help="folder for shard_*.safetensors")
     p.add_argument("--num-samples", type=int, default=None, help="items (default: one per prompt)")
-    p.add_argument("--shard-size", type=int, default=64, help="items per shard file")
-    p.add_argument("--batch-size", type=int, default=1, help="trajectories sampled at once per GPU")
-    p.add_argument("--overwrite", action="store_true", help="redo shards that already exist")
-    p.add_argument("overrides", nargs="*", help="Hydra overrides of the training config (experiment=, model=, method.*)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose("config", overrides=args.overrides)
-    validate(cfg)
+    cfg = compose_checked(args.overrides)
     prompts = PromptFile(args.prompts)
     log0("ODE pairs of %s:\n%s", cfg.model.teacher_path, OmegaConf.to_yaml(cfg.method))
     with torch.no_grad():

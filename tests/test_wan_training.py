@@ -18,6 +18,7 @@ from model.wan.weights import load_backbone
 from pipeline.ode import sigma_grid
 from scripts.encode_videos import encode_videos, list_videos, load_clip, read_prompt_map
 from scripts.generate_ode_pairs import generate_ode_pairs
+from scripts.generate_ode_pairs import main as generate_ode_pairs_cli
 from tests.train_setup import compose_config
 from tests.wan_folder import Z_DIM, tiny_wan_folder  # noqa: F401  (session fixture)
 from utils.build import Batches, build_method
@@ -37,15 +38,19 @@ def _quiet(monkeypatch):
         monkeypatch.delenv(var, raising=False)
 
 
-def wan_config(folder, *overrides, preset="self_forcing_dmd"):
+def wan_overrides(folder, *overrides, preset="self_forcing_dmd") -> list[str]:
     """A preset on the tiny folder: 2 latent frames in blocks of 1, 2 student steps, batch 1, 2 steps."""
-    return compose_config(
+    return [
         f"experiment={preset}", f"model.path={folder}", "model.dtype=float32", f"model.latent_shape=[{Z_DIM},{H},{W}]",
         "model.gradient_checkpointing=false", "device=cpu", "method.num_training_frames=2",
         "method.num_frame_per_block=1", "method.denoising_step_list=[1000,500]", "batch_size=1",
         "total_batch_size=null", "max_steps=2", "checkpoint.every=0", "eval.every=0", "eval.at_start=false",
-        "data.metrics=null", *overrides, tiny=False,
-    )
+        "data.metrics=null", *overrides,
+    ]
+
+
+def wan_config(folder, *overrides, preset="self_forcing_dmd"):
+    return compose_config(*wan_overrides(folder, *overrides, preset=preset), tiny=False)
 
 
 def prompt_file(tmp_path) -> Path:
@@ -102,6 +107,13 @@ def test_ode_pairs_are_sharded_per_rank_and_train_the_student(tiny_wan_folder, t
         written = generate_ode_pairs(cfg, PROMPTS, tmp_path / "two", shard_size=2, rank=rank, world_size=2, device=CPU)
         assert [p.name for p in written] == [one[rank].name]
     for a, b in zip(one, sorted((tmp_path / "two").glob("*.safetensors"))):
+        assert torch.allclose(load_file(a)["ode"], load_file(b)["ode"], atol=1e-5)
+    # the command line (one process) writes the same shards
+    generate_ode_pairs_cli(["--prompts", str(prompt_file(tmp_path)), "--out", str(tmp_path / "cli"), "--shard-size", "2",
+                            "--batch-size", "2", *wan_overrides(tiny_wan_folder, *overrides, preset="ode_init")])
+    cli = sorted((tmp_path / "cli").glob("*.safetensors"))
+    assert [p.name for p in cli] == [p.name for p in one]
+    for a, b in zip(one, cli):
         assert torch.allclose(load_file(a)["ode"], load_file(b)["ode"], atol=1e-5)
 
     pairs = instantiate(wan_config(tiny_wan_folder, f"data.prompts.path={tmp_path / 'one'}", preset="ode_init").data.prompts)

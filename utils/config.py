@@ -225,3 +225,17 @@ def accumulation_steps(cfg: DictConfig, world_size: int) -> int:
 
 
 __all__ = ["TrainSchema", "validate", "method_config", "accumulation_steps", "MISSING"]
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def compose_checked(overrides: list[str]) -> DictConfig:
+    """The training config outside train.py (scripts): configs/config.yaml with Hydra overrides, validated,
+    so a bad key or a missing Wan file is named before anything loads."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    validate(cfg)
+    return cfg

@@ -19,6 +19,7 @@ lazily item by item, and needs no extra dependency.
 
 from __future__ import annotations
 
+import argparse
 import bisect
 import json
 import os
@@ -98,6 +99,18 @@ def placement(cfg, rank: int | None, world_size: int | None, device: torch.devic
         world_size = dist.world_size if world_size is None else world_size
         device = device or pick_device(cfg, dist.local_rank)
     return rank, world_size, device
+
+
+def shard_script_parser(description: str, items: str, batch_help: str) -> argparse.ArgumentParser:
+    """The command line every shard-writing script shares (--out, --shard-size, --batch-size, --overwrite and
+    Hydra overrides of the training config); the script adds its own inputs."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for shard_*.safetensors")
+    p.add_argument("--shard-size", type=int, default=64, help=f"{items} per shard file")
+    p.add_argument("--batch-size", type=int, default=1, help=batch_help)
+    p.add_argument("--overwrite", action="store_true", help="redo shards that already exist")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides of the training config (experiment=, model=, method.*)")
+    return p
 
 
 def fill_shards(out: str | Path, num_items: int, shard_size: int, rank: int, world_size: int, key: str,
