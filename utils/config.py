@@ -180,6 +180,10 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(f"logger.mode must be online, offline or disabled, got {cfg.logger.mode!r}")
     if cfg.model.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
+    from model.wan.attention import BACKENDS
+
+    if cfg.model.attention_backend not in (*BACKENDS, "auto"):
+        raise ValueError(f"model.attention_backend must be one of {(*BACKENDS, 'auto')}, got {cfg.model.attention_backend!r}")
     for net, policy in cfg.model.checkpoint_policy.items():
         if policy not in CHECKPOINT_POLICIES:
             raise ValueError(f"model.checkpoint_policy.{net} must be one of {CHECKPOINT_POLICIES}, got {policy!r}")
@@ -224,9 +228,6 @@ def accumulation_steps(cfg: DictConfig, world_size: int) -> int:
     return cfg.total_batch_size // per_step
 
 
-__all__ = ["TrainSchema", "validate", "method_config", "accumulation_steps", "MISSING"]
-
-
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -239,3 +240,7 @@ def compose_checked(overrides: list[str]) -> DictConfig:
         cfg = compose("config", overrides=list(overrides))
     validate(cfg)
     return cfg
+
+
+__all__ = ["TrainSchema", "validate", "method_config", "accumulation_steps", "compose_checked", "MISSING"]
+
