@@ -31,12 +31,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
 import train  # noqa: E402
 from utils.build import Batches, build_method, build_optimizer, pick_device  # noqa: E402
-from utils.config import validate  # noqa: E402
+from utils.config import compose_checked  # noqa: E402
 from utils.distributed import all_gather_object, destroy, init_distributed, single_process_group  # noqa: E402
 from utils.fsdp import build_mesh, mesh_shape, shard_method  # noqa: E402
 from utils.rng import seed_everything  # noqa: E402
@@ -137,9 +136,7 @@ def main(argv=None) -> None:
     exit_schedule = [int(k) for k in args.exit_steps.split(",")] if args.exit_steps else None
     if args.steps < 1 or args.warmup < 0:
         raise SystemExit(f"need --steps >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"):
-        cfg = compose("config", overrides=["total_batch_size=null", *args.overrides])
-    validate(cfg)
+    cfg = compose_checked(["total_batch_size=null", *args.overrides])
     dist = init_distributed()
     single_process_group(dist)
     try:

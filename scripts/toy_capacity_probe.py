@@ -26,17 +26,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
-import utils.config  # noqa: E402,F401
 from model.toy.world import ToyWorld  # noqa: E402
 from utils.build import Batches, build_method, pick_device  # noqa: E402
+from utils.config import compose_checked  # noqa: E402
 from utils.evaluation import sample  # noqa: E402
 from utils.toy_metrics import evaluate, pairwise_distance  # noqa: E402
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
 
 def oracle_loss(video: torch.Tensor, prompts: list[str], world: ToyWorld,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -60,8 +56,7 @@ def main(argv=None) -> dict:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("overrides", nargs="*", help="Hydra overrides of the training config")
     args = p.parse_args(argv)
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose("config", overrides=args.overrides)
+    cfg = compose_checked(args.overrides)
     if cfg.data.world.get("_target_") != "model.toy.world.ToyWorld":
         raise SystemExit("the capacity probe needs the toy world (data=toy model=toy)")
     device = pick_device(cfg)
