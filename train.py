@@ -28,7 +28,7 @@ from utils.checkpoint import CheckpointManager, resolve_resume
 from utils.distributed import all_reduce_mean, destroy, init_distributed, log0, single_process_group
 from utils.ema import EMA
 from utils.evaluation import evaluate_toy
-from utils.fsdp import build_mesh, shard_method
+from utils.fsdp import build_mesh, reshard, shard_method
 from utils.rng import get_rng_state, seed_everything, set_rng_state
 from utils.tracker import ProgressBar, make_tracker
 from utils.warm_start import warm_start
@@ -37,7 +37,9 @@ from utils.warm_start import warm_start
 def step_update(method, phase, net, optimizer, scheduler, batches, step, cfg, dist, accumulation, optim_cfg=None):
     """One optimizer update of `net` (generator or critic) over the accumulated micro-batches."""
     loss_fn = method.generator_loss if phase == "generator" else method.critic_loss
-    params = [p for p in net.parameters() if p.requires_grad]
+    # The optimiser's parameters, not net.parameters(): a network kept gathered between forwards
+    # (reshard_after_forward=false) lists its gathered bf16 copies there, which hold no gradients.
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
     if dist.world_size > 1 and not isinstance(params[0], DTensor):
         raise RuntimeError(f"the {phase} is not sharded: on several ranks, shard it with utils.fsdp.shard_method first")
     optimizer.zero_grad(set_to_none=True)
@@ -69,6 +71,10 @@ def step_update(method, phase, net, optimizer, scheduler, batches, step, cfg, di
         logs[f"{phase}_grad_norm"] = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
     optimizer.step()
     scheduler.step()
+    # Networks kept gathered within a step (fsdp.reshard_after_forward=false) are freed between steps:
+    # the next forward gathers the updated shards, and the EMA and checkpoints see the fp32 shards.
+    reshard(method.generator)
+    reshard(method.fake_score)
     return logs
 
 
@@ -152,6 +158,7 @@ def _train(cfg: DictConfig, run_dir: Path, dist) -> dict:
              step, record["match_rate"], record["coverage"], eval_frames, record["long_num_frames"], record["long_match_rate"])
 
     def save(step: int):
+        reshard(method.generator)  # an evaluation without EMA may have left it gathered; export its fp32 shards
         state["meta"].update(step=step, rng=get_rng_state())
         path = checkpoints.save(step, state, export=export_of(method, ema, cfg))
         log0("checkpoint: %s", path)

@@ -26,6 +26,10 @@ RTOL = 1e-5
 COMMON = ("max_steps=4", "checkpoint.every=2", "logger.every=1", "ema_start_step=1", "eval.at_start=false")
 
 
+# The self-forcing presets keep the generator and teacher gathered within a step; the critic too here.
+GATHERED = tuple(f"fsdp.reshard_after_forward.{n}=false" for n in ("generator", "critic", "teacher"))
+
+
 def losses(run_dir: Path) -> dict[int, dict[str, float]]:
     """Per step, the logged losses (log.jsonl rows of rank 0)."""
     rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
@@ -54,7 +58,8 @@ def runs(tmp_path_factory):
     """Batch 2 on one process; batch 1 on each of 2 ranks (FSDP, then HSDP); a resume at world size 1."""
     root = tmp_path_factory.mktemp("fsdp")
     two_rank = [(root / "fsdp2", ["batch_size=1", *COMMON]),
-                (root / "hsdp2", ["batch_size=1", "fsdp.replicate=2", *COMMON])]
+                (root / "hsdp2", ["batch_size=1", "fsdp.replicate=2", *COMMON]),
+                (root / "gathered2", ["batch_size=1", *GATHERED, *COMMON])]
     mp.spawn(worker, args=(2, free_port(), two_rank), nprocs=2, join=True)
     for name, extra in (("single", []), ("resumed", [f"resume={root / 'fsdp2' / 'checkpoints' / 'step_000002'}"])):
         cfg = compose_config("batch_size=2", *COMMON, *extra)
@@ -64,6 +69,11 @@ def runs(tmp_path_factory):
     back = [(root / "resumed2", ["batch_size=1", *COMMON, f"resume={root / 'single' / 'checkpoints' / 'step_000002'}"])]
     mp.spawn(worker, args=(2, free_port(), back), nprocs=2, join=True)
     return root
+
+
+def logs(run_dir: Path) -> dict[int, dict[str, float]]:
+    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "critic_loss" in r}
 
 
 def assert_close_losses(a: dict, b: dict, steps):
@@ -81,6 +91,16 @@ def test_two_ranks_give_the_losses_of_one_process(runs):
     # the evaluation at the end ran under FSDP on both ranks and was written once
     rows = [json.loads(line) for line in (runs / "fsdp2" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["source"] == "student"] == [4]
+
+
+def test_networks_kept_gathered_train_and_checkpoint_like_resharded_ones(runs):
+    """reshard_after_forward=false: a network the previous step gathered (the critic step's rollout
+    gathers the generator) must still be clipped, EMA-averaged and checkpointed through its fp32 shards."""
+    single, gathered = logs(runs / "single"), logs(runs / "gathered2")
+    for step in (1, 2, 3, 4):
+        for k in ("generator_loss", "critic_loss", "generator_grad_norm", "critic_grad_norm"):
+            assert gathered[step][k] > 0 and gathered[step][k] == pytest.approx(single[step][k], rel=RTOL), (step, k)
+    assert sorted(p.name for p in (runs / "gathered2" / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
 
 
 def test_two_rank_checkpoint_resumes_at_world_size_one(runs, tmp_path):

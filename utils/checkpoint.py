@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from utils.distributed import all_gather_object, barrier, get_rank, get_world_size, is_main
+from utils.fsdp import reshard
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +118,8 @@ def _owner(key: str, optim: torch.optim.Optimizer, modules: dict[str, nn.Module]
 
 def _state_dicts(modules: dict, optims: dict, stateful: dict) -> tuple[dict[str, Any], dict]:
     """What DCP writes or fills in, per key; and each optimiser's owning module."""
+    for module in modules.values():  # gathered FSDP units list their bf16 copies as parameters: back to the shards
+        reshard(module)
     owners = {k: _owner(k, o, modules) for k, o in optims.items()}
     out: dict[str, Any] = {k: get_model_state_dict(m) for k, m in modules.items()}
     # On a fresh optimiser this initialises its states, so that DCP has tensors to load into.
