@@ -50,6 +50,13 @@ def gated_add(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor) -> torch.Ten
     return (x.float() + h.float() * gate).type_as(x)
 
 
+def gated_add_out(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """`gated_add` for the block's output: x [B, F*T, D] (flat tokens), h [B, F, T, D], gate [B, F, 1, D]
+    fp32 -> [B, F*T, D], the same numbers. The result is a new tensor, not a view: FSDP2 warns about a
+    block returning a view (an in-place op on it would skip the block's pre-backward hook)."""
+    return (x.float() + (h.float() * gate).flatten(1, 2)).type_as(x)
+
+
 def gated_add_norm(x, h, gate, weight, bias, eps: float):
     """The self-attention residual, then the cross-attention's FP32LayerNorm (with affine) of the sum."""
     x = gated_add(x, h, gate)
@@ -62,7 +69,7 @@ def add_norm_modulate(x, h, scale, shift, eps: float):
     return x, norm_modulate(x, scale, shift, eps)
 
 
-_OPS = ("rms_norm", "norm_modulate", "qk_norm_rope", "gated_add", "gated_add_norm", "add_norm_modulate")
+_OPS = ("rms_norm", "norm_modulate", "qk_norm_rope", "gated_add", "gated_add_out", "gated_add_norm", "add_norm_modulate")
 
 
 @functools.cache

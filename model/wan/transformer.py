@@ -78,7 +78,7 @@ class WanDiTBlock(WanTransformerBlock):
         # 3. Feed-forward
         x, h = ops.add_norm_modulate(x, per_frame(h), c_scale, c_shift, self.norm3.eps)
         h = self.ffn(h)
-        return ops.gated_add(x, h, c_gate).view(batch, length, dim)
+        return ops.gated_add_out(x.view(batch, length, dim), h, c_gate)
 
     def _self_attention(self, h, rope, spec: AttnSpec, layer, past, write, ops):
         attn = self.attn1
