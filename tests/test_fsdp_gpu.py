@@ -2,15 +2,17 @@
 
 Self-forcing DMD steps through train.py under torchrun, on random 1.3B weights read through the
 same loaders as real ones: a run on all GPUs (up to 4) saves a sharded DCP checkpoint at step 2;
-from it, step 3 is resumed on all GPUs, on one GPU (DCP resharding to world size 1, the same global
-batch), and on a hybrid mesh (fsdp.replicate=2: 2 simulated nodes of world/2 GPUs). The resumed runs
-must log step 3 alone and agree on its losses.
+from it, step 3 is resumed on all GPUs (the reference), on one GPU (DCP resharding to world size 1,
+the same global batch), and on a hybrid mesh (fsdp.replicate=2: 2 simulated nodes of world/2 GPUs).
+The resumed runs must log step 3 alone and agree on its losses.
 
   WAN_RANDOM_PATH=/tmp/wan python -m pytest -q -s -m gpu tests/test_fsdp_gpu.py --basetemp=/tmp/pt
 
-(WAN_RANDOM_PATH: a folder from scripts/make_random_wan_folder.py, written here if unset.) On 2 H200s
-it takes about 11 minutes, most of it start-up (loading three 1.3B networks, compiling) and writing
-40 GB checkpoints (weights, EMA and both AdamW states in fp32); it needs about 90 GB of disk.
+WAN_RANDOM_PATH: a folder from scripts/make_random_wan_folder.py (written here if unset). On 2 H200s
+the file takes about 11 minutes, most of it start-up (loading three 1.3B networks, compiling) and
+writing 40 GB checkpoints (weights, EMA and both AdamW states in fp32); it needs about 90 GB of disk.
+FSDP_GPU_DIR=<dir> keeps the runs there and reuses the finished ones, so the tests can be split over
+several invocations (e.g. `-k saved`, then the rest).
 """
 
 import json
@@ -38,13 +40,8 @@ RTOL = 5e-3
 COMMON = ("experiment=self_forcing_dmd", "total_batch_size=null", "dfake_gen_update_ratio=2", "ema_start_step=1",
           "logger.every=1", "logger.mode=disabled", "eval.at_start=false", "checkpoint.every=2", "checkpoint.keep=1")
 
-
-def torchrun(nproc: int, run_dir: Path, *overrides: str) -> float:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "train.py"), *COMMON, f"hydra.run.dir={run_dir}", *overrides]
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=ROOT)
-    return time.perf_counter() - start
+RESUMES = {"world_size_1": (1, [f"batch_size={NPROC}"]),
+           "hybrid": (NPROC, ["batch_size=1", "fsdp.replicate=2"])}
 
 
 def logged(run_dir: Path) -> dict[int, dict[str, float]]:
@@ -52,46 +49,74 @@ def logged(run_dir: Path) -> dict[int, dict[str, float]]:
     return {r["step"]: {k: v for k, v in r.items() if k.endswith("_loss")} for r in rows if "critic_loss" in r}
 
 
+def run_once(run_dir: Path, nproc: int, last_step: int, *overrides: str) -> dict[int, dict[str, float]]:
+    """train.py under torchrun into run_dir, unless a finished run (its last step logged) is there."""
+    if (run_dir / "log.jsonl").exists() and last_step in logged(run_dir):
+        return logged(run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "train.py"), *COMMON, f"hydra.run.dir={run_dir}", f"max_steps={last_step}", *overrides]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    print(f"\n{run_dir.name}: {nproc} GPUs, {time.perf_counter() - start:.0f} s (start-up, steps, checkpoint)")
+    return logged(run_dir)
+
+
 @pytest.fixture(scope="module")
-def wan(tmp_path_factory):
+def root(tmp_path_factory) -> Path:
+    folder = os.environ.get("FSDP_GPU_DIR")
+    if not folder:
+        return tmp_path_factory.mktemp("fsdp_gpu")
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return Path(folder)
+
+
+@pytest.fixture(scope="module")
+def wan(root) -> list[str]:
     folder = os.environ.get("WAN_RANDOM_PATH")
     if not folder:
         from scripts.make_random_wan_folder import main as make_folder
 
-        folder = tmp_path_factory.mktemp("wan")
-        make_folder(str(folder))
-    prompts = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+        folder = root / "wan"
+        if not (folder / "transformer").exists():
+            make_folder(str(folder))
+    prompts = root / "prompts.txt"
     prompts.write_text("a red circle moving left\na blue square moving up\na green circle\na red square\n")
     return [f"model.path={folder}", f"data.prompts.path={prompts}"]
 
 
-def test_dcp_checkpoint_resumes_on_other_world_sizes_and_meshes(wan, tmp_path):
-    seconds = {}
-    seconds["saved"] = torchrun(NPROC, tmp_path / "saved", *wan, "batch_size=1", "max_steps=2")
-    ckpt = tmp_path / "saved" / "checkpoints" / "step_000002"
-    meta = json.loads((ckpt / "meta.json").read_text())
+@pytest.fixture(scope="module")
+def saved(root, wan) -> Path:
+    """Two steps on all GPUs; the sharded checkpoint of step 2."""
+    assert sorted(run_once(root / "saved", NPROC, 2, *wan, "batch_size=1")) == [1, 2]
+    return root / "saved" / "checkpoints" / "step_000002"
+
+
+@pytest.fixture(scope="module")
+def reference(root, wan, saved) -> dict[int, dict[str, float]]:
+    """Step 3 resumed on all GPUs: the losses the other resumes must give."""
+    losses = run_once(root / "resumed", NPROC, 3, *wan, "batch_size=1", f"resume={saved}")
+    shutil.rmtree(root / "resumed" / "checkpoints", ignore_errors=True)  # 40 GB: the disk holds one beside the saved one
+    return losses
+
+
+def test_saved_checkpoint_is_sharded_and_its_export_consolidated(saved):
+    meta = json.loads((saved / "meta.json").read_text())
     assert meta["world_size"] == NPROC and meta["step"] == 2
-    assert sorted(logged(tmp_path / "saved")) == [1, 2]
-    # the export is consolidated on rank 0: whole 1.3B tensors
     from safetensors import safe_open
 
-    with safe_open(ckpt / "export" / "model.safetensors", "pt") as f:
+    with safe_open(saved / "export" / "model.safetensors", "pt") as f:  # whole tensors, written by rank 0
         numel = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     assert 1.2e9 < numel < 1.5e9, numel
 
-    runs = {"resumed": (NPROC, ["batch_size=1"]),
-            "world_size_1": (1, [f"batch_size={NPROC}"]),
-            "hybrid": (NPROC, ["batch_size=1", "fsdp.replicate=2"])}
-    losses = {}
-    for name, (nproc, extra) in runs.items():
-        seconds[name] = torchrun(nproc, tmp_path / name, *wan, *extra, "max_steps=3", f"resume={ckpt}")
-        losses[name] = logged(tmp_path / name)
-        shutil.rmtree(tmp_path / name / "checkpoints")  # 40 GB each: the disk holds one beside the saved one
-    print(f"\n{NPROC} GPUs, wall seconds per run (start-up, steps, checkpoint):", {k: round(v, 1) for k, v in seconds.items()})
-    print("step-3 losses:", json.dumps(losses))
-    ref = losses["resumed"]
-    assert sorted(ref) == [3] and {"generator_loss", "critic_loss"} <= ref[3].keys()
-    for name in ("world_size_1", "hybrid"):
-        assert sorted(losses[name]) == [3], name
-        for k, v in ref[3].items():
-            assert losses[name][3][k] == pytest.approx(v, rel=RTOL), (name, k, losses[name][3][k], v)
+
+@pytest.mark.parametrize("name", sorted(RESUMES))
+def test_resume_on_another_world_size_or_mesh_gives_the_same_step(name, root, wan, saved, reference):
+    nproc, extra = RESUMES[name]
+    losses = run_once(root / name, nproc, 3, *wan, *extra, f"resume={saved}")
+    shutil.rmtree(root / name / "checkpoints", ignore_errors=True)
+    print(f"step-3 losses, {name}: {losses[3]}; on {NPROC} GPUs: {reference[3]}")
+    assert sorted(reference) == [3] and {"generator_loss", "critic_loss"} <= reference[3].keys()
+    assert sorted(losses) == [3]
+    for k, v in reference[3].items():
+        assert losses[3][k] == pytest.approx(v, rel=RTOL), (name, k, losses[3][k], v)
