@@ -172,20 +172,23 @@ def _train(cfg: DictConfig, run_dir: Path, dist) -> dict:
             evaluate(0)
     bar = ProgressBar(cfg.max_steps, start)
     loop_start = time.perf_counter()  # the loop's wall time (periodic evaluations and checkpoints included)
-    logs: dict[str, float] = {}
+    latest: dict[str, float] = {}  # the progress bar: the last value of each loss
+    pending: dict[str, float] = {}  # the next log row: values of the updates since the last row only
     for step in range(start, cfg.max_steps):
         # 1. generator update every dfake_gen_update_ratio steps (self-rollout, DMD/SiD, EMA)
         if step % cfg.dfake_gen_update_ratio == 0 or not method.has_critic:
-            logs.update(step_update(method, "generator", method.generator, g_opt, g_sched, batches, step, cfg, dist, accumulation))
+            pending.update(step_update(method, "generator", method.generator, g_opt, g_sched, batches, step, cfg, dist, accumulation))
             if ema is not None:
                 ema.update(method.generator, step)
         # 2. critic update every step (denoising loss on fresh generator samples)
         if method.has_critic:
-            logs.update(step_update(method, "critic", method.fake_score, c_opt, c_sched, batches, step, cfg, dist, accumulation))
+            pending.update(step_update(method, "critic", method.fake_score, c_opt, c_sched, batches, step, cfg, dist, accumulation))
         done = step + 1
-        bar.update(done, {k: v for k, v in logs.items() if k.endswith("loss")})
+        latest.update(pending)
+        bar.update(done, {k: v for k, v in latest.items() if k.endswith("loss")})
         if done % cfg.logger.every == 0:
-            tracker.log(logs, done)
+            tracker.log(pending, done)  # a generator that did not update since the last row is not repeated
+            pending = {}
         if cfg.eval.every > 0 and done % cfg.eval.every == 0 and done != cfg.max_steps:
             evaluate(done)
         if cfg.checkpoint.every > 0 and done % cfg.checkpoint.every == 0 and done != cfg.max_steps:

@@ -116,6 +116,24 @@ def test_each_method_trains_a_few_steps_on_the_toy_world(tmp_path, method):
 
 
 
+def test_log_rows_hold_the_updates_since_the_last_row(tmp_path):
+    """The generator updates every 2nd step: its values are in the rows of those steps only (not repeated
+    on critic-only steps); with logger.every=2 every row holds both networks' latest values."""
+    import json
+
+    rows = {}
+    for every in (1, 2):
+        run_dir, _ = run(tmp_path, f"every{every}", "max_steps=4", "dfake_gen_update_ratio=2", f"logger.every={every}",
+                         "checkpoint.every=0", "eval.every=0", "eval.at_start=false")
+        lines = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+        rows[every] = {r["step"]: r for r in lines if "critic_loss" in r}
+    assert sorted(rows[1]) == [1, 2, 3, 4] and sorted(rows[2]) == [2, 4]
+    assert [("generator_loss" in rows[1][s]) for s in (1, 2, 3, 4)] == [True, False, True, False]
+    for s in (2, 4):  # the same runs: a row of every 2 steps carries the generator's update of the step before
+        assert rows[2][s]["generator_loss"] == rows[1][s - 1]["generator_loss"]
+        assert rows[2][s]["critic_loss"] == rows[1][s]["critic_loss"]
+
+
 def test_a_method_without_critic_schedules_its_learning_rate_over_every_step(tmp_path):
     # ODE regression updates the generator every step, so a cosine schedule must span max_steps
     # updates, not max_steps / dfake_gen_update_ratio (which left the learning rate at 0 after that)
