@@ -8,13 +8,12 @@ half-batch gradients against one whole-batch gradient, and sharded against whole
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import train
+from tests.dist_setup import spawn_ranks
 from tests.test_train import checkpoint_tensors
 from tests.train_setup import compose_config
 from utils.config import validate
@@ -47,12 +46,6 @@ def worker(rank, world, port, runs):
     torch.distributed.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Batch 2 on one process; batch 1 on each of 2 ranks (FSDP, then HSDP); a resume at world size 1."""
@@ -60,14 +53,14 @@ def runs(tmp_path_factory):
     two_rank = [(root / "fsdp2", ["batch_size=1", *COMMON]),
                 (root / "hsdp2", ["batch_size=1", "fsdp.replicate=2", *COMMON]),
                 (root / "gathered2", ["batch_size=1", *GATHERED, *COMMON])]
-    mp.spawn(worker, args=(2, free_port(), two_rank), nprocs=2, join=True)
+    spawn_ranks(worker, 2, two_rank)
     for name, extra in (("single", []), ("resumed", [f"resume={root / 'fsdp2' / 'checkpoints' / 'step_000002'}"])):
         cfg = compose_config("batch_size=2", *COMMON, *extra)
         validate(cfg)
         train.train(cfg, root / name)
     # and back: the one-process checkpoint (written without DCP's collectives) resumes on 2 ranks
     back = [(root / "resumed2", ["batch_size=1", *COMMON, f"resume={root / 'single' / 'checkpoints' / 'step_000002'}"])]
-    mp.spawn(worker, args=(2, free_port(), back), nprocs=2, join=True)
+    spawn_ranks(worker, 2, back)
     return root
 
 

@@ -4,19 +4,18 @@ generates past the training length, and refuses bad input before writing anythin
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import imageio.v3 as iio
 import pytest
 import torch
-import torch.multiprocessing as mp
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file, save_file
 
 import train
 import utils.inference as inference
 import utils.student as student
+from tests.dist_setup import spawn_ranks
 from model.wan.transformer import WanDiT
 from model.wan.weights import diffusers_to_wan, load_strict, read_state_dict
 from tests.train_setup import CONFIGS, TINY, compose_config
@@ -187,10 +186,7 @@ def test_two_ranks_split_items_and_merge_the_index(run_dir, tmp_path):
     """torchrun-style gloo ranks: items split across ranks, rank 0's index equals a single process's."""
     overrides = [f"checkpoint={run_dir}", "prompts=[a red circle moving left, a blue square moving up, a green circle moving down]",
                  "seed=[0,1]", "batch_size=1", "save_latents=true"]  # batch 1: bit-equal whatever the split
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(rank_worker, args=(2, port, tmp_path / "two", overrides), nprocs=2, join=True)
+    spawn_ranks(rank_worker, 2, tmp_path / "two", overrides)
     single = infer(tmp_path / "one", *overrides)
     merged = json.loads((tmp_path / "two" / "index.json").read_text())
     assert merged["world_size"] == 2 and len(merged["items"]) == 6 and not (tmp_path / "two" / "ignored_1").exists()

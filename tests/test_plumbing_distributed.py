@@ -3,15 +3,14 @@
 
 import json
 import os
-import socket
 import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn as nn
 from safetensors.torch import load_file
 
+from tests.dist_setup import spawn_ranks
 from utils import distributed as D
 from utils.checkpoint import CheckpointManager
 from utils.ema import EMA
@@ -105,14 +104,8 @@ def worker(rank, world, port, out, device_type):
     D.destroy()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(out, world, device_type):
-    mp.spawn(worker, args=(world, free_port(), out, device_type), nprocs=world, join=True)
+    spawn_ranks(worker, world, out, device_type)
     return out, [torch.load(out / f"results_{r}.pt", weights_only=True) for r in range(world)]
 
 

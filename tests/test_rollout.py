@@ -2,13 +2,13 @@
 
 import os
 import random
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.dist_setup import free_port
 from model.causvid import CausVid, CausVidConfig
 from model.dmd import DMD
 from model.schedule import FlowSchedule
@@ -117,12 +117,6 @@ def test_causvid_whole_clip_equals_chunked_path():
         assert (forced[:, 4:] - teacher.denoise_data(latents, noisy, t, context)[:, 4:]).abs().max() == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _plan_on_rank(rank: int, port: int, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -139,7 +133,7 @@ def _plan_on_rank(rank: int, port: int, queue):
 def test_exit_steps_and_rollout_length_agree_across_ranks():
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_plan_on_rank, args=(r, port, queue)) for r in range(2)]
     for p in procs:
         p.start()
