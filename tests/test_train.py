@@ -115,7 +115,6 @@ def test_each_method_trains_a_few_steps_on_the_toy_world(tmp_path, method):
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
-
 def test_log_rows_hold_the_updates_since_the_last_row(tmp_path):
     """The generator updates every 2nd step: its values are in the rows of those steps only (not repeated
     on critic-only steps); with logger.every=2 every row holds both networks' latest values."""
