@@ -27,6 +27,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.test_fsdp_training import losses
+
 ROOT = Path(__file__).resolve().parents[1]
 NPROC = min(torch.cuda.device_count(), 4) if torch.cuda.is_available() else 0
 
@@ -44,22 +46,17 @@ RESUMES = {"world_size_1": (1, [f"batch_size={NPROC}"]),
            "hybrid": (NPROC, ["batch_size=1", "fsdp.replicate=2"])}
 
 
-def logged(run_dir: Path) -> dict[int, dict[str, float]]:
-    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    return {r["step"]: {k: v for k, v in r.items() if k.endswith("_loss")} for r in rows if "critic_loss" in r}
-
-
 def run_once(run_dir: Path, nproc: int, last_step: int, *overrides: str) -> dict[int, dict[str, float]]:
     """train.py under torchrun into run_dir, unless a finished run (its last step logged) is there."""
-    if (run_dir / "log.jsonl").exists() and last_step in logged(run_dir):
-        return logged(run_dir)
+    if (run_dir / "log.jsonl").exists() and last_step in losses(run_dir):
+        return losses(run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(ROOT / "train.py"), *COMMON, f"hydra.run.dir={run_dir}", f"max_steps={last_step}", *overrides]
     start = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT)
     print(f"\n{run_dir.name}: {nproc} GPUs, {time.perf_counter() - start:.0f} s (start-up, steps, checkpoint)")
-    return logged(run_dir)
+    return losses(run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +92,9 @@ def saved(root, wan) -> Path:
 @pytest.fixture(scope="module")
 def reference(root, wan, saved) -> dict[int, dict[str, float]]:
     """Step 3 resumed on all GPUs: the losses the other resumes must give."""
-    losses = run_once(root / "resumed", NPROC, 3, *wan, "batch_size=1", f"resume={saved}")
+    logged = run_once(root / "resumed", NPROC, 3, *wan, "batch_size=1", f"resume={saved}")
     shutil.rmtree(root / "resumed" / "checkpoints", ignore_errors=True)  # 40 GB: the disk holds one beside the saved one
-    return losses
+    return logged
 
 
 def test_saved_checkpoint_is_sharded_and_its_export_consolidated(saved):
@@ -113,10 +110,10 @@ def test_saved_checkpoint_is_sharded_and_its_export_consolidated(saved):
 @pytest.mark.parametrize("name", sorted(RESUMES))
 def test_resume_on_another_world_size_or_mesh_gives_the_same_step(name, root, wan, saved, reference):
     nproc, extra = RESUMES[name]
-    losses = run_once(root / name, nproc, 3, *wan, *extra, f"resume={saved}")
+    logged = run_once(root / name, nproc, 3, *wan, *extra, f"resume={saved}")
     shutil.rmtree(root / name / "checkpoints", ignore_errors=True)
-    print(f"step-3 losses, {name}: {losses[3]}; on {NPROC} GPUs: {reference[3]}")
+    print(f"step-3 losses, {name}: {logged[3]}; on {NPROC} GPUs: {reference[3]}")
     assert sorted(reference) == [3] and {"generator_loss", "critic_loss"} <= reference[3].keys()
-    assert sorted(losses) == [3]
+    assert sorted(logged) == [3]
     for k, v in reference[3].items():
-        assert losses[3][k] == pytest.approx(v, rel=RTOL), (name, k, losses[3][k], v)
+        assert logged[3][k] == pytest.approx(v, rel=RTOL), (name, k, logged[3][k], v)

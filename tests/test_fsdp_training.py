@@ -29,10 +29,15 @@ COMMON = ("max_steps=4", "checkpoint.every=2", "logger.every=1", "ema_start_step
 GATHERED = tuple(f"fsdp.reshard_after_forward.{n}=false" for n in ("generator", "critic", "teacher"))
 
 
-def losses(run_dir: Path) -> dict[int, dict[str, float]]:
-    """Per step, the logged losses (log.jsonl rows of rank 0)."""
+def logs(run_dir: Path) -> dict[int, dict[str, float]]:
+    """Per step, the training row of log.jsonl (rank 0 writes it; evaluation rows have no critic_loss)."""
     rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    return {r["step"]: {k: v for k, v in r.items() if k.endswith("_loss")} for r in rows if "critic_loss" in r}
+    return {r["step"]: r for r in rows if "critic_loss" in r}
+
+
+def losses(run_dir: Path) -> dict[int, dict[str, float]]:
+    """Per step, the logged losses."""
+    return {step: {k: v for k, v in row.items() if k.endswith("_loss")} for step, row in logs(run_dir).items()}
 
 
 def worker(rank, world, port, runs):
@@ -62,11 +67,6 @@ def runs(tmp_path_factory):
     back = [(root / "resumed2", ["batch_size=1", *COMMON, f"resume={root / 'single' / 'checkpoints' / 'step_000002'}"])]
     spawn_ranks(worker, 2, back)
     return root
-
-
-def logs(run_dir: Path) -> dict[int, dict[str, float]]:
-    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in rows if "critic_loss" in r}
 
 
 def assert_close_losses(a: dict, b: dict, steps):
