@@ -192,6 +192,13 @@ def table_row(label: str, record: dict, train_frames: int, teacher: dict, cost: 
     ]
 
 
+def match_text(record: dict) -> str:
+    """How a sample counted as a match in `record` (an absolute threshold, or a move of the template)."""
+    if record.get("threshold") is not None:
+        return f"threshold {record['threshold']} (distance)"
+    return f"radius: the template moved by {record['match_tolerance_px']:g} pixel (utils/toy_metrics.py)"
+
+
 def markdown_table(rows: dict[str, dict], teacher: dict, train_frames: int) -> str:
     """Methods in the order they ran, then the exact teacher; numbers straight from the metrics.jsonl records."""
     body = [table_row(f"{METHODS[n].label} (`{n}`)", r["record"], train_frames, teacher, r) for n, r in rows.items()]
@@ -254,7 +261,7 @@ def document(command: str, cfg: DictConfig, rows: dict[str, dict], teacher: dict
         f"- evaluation: {first['num_samples']} samples ({m.samples_per_prompt} per prompt), noise seed {cfg.seed} for every "
         f"method and the teacher, at {first['num_frames']} frames and at {first['long_num_frames']} frames (training "
         f"length {cfg.method.num_training_frames}; longer clips roll the KV cache over that many frames); match "
-        f"threshold {first['threshold']}; "
+        f"{match_text(first)}; "
         f"ideal coverage with this many samples {first['coverage_ideal']:.3f}",
         f"- the exact teacher: {m.teacher_steps}-step Euler on its own flow, no guidance",
         f"- runs: `{out}/<method>/` (metrics.jsonl, checkpoints, sample grids)",

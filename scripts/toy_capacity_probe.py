@@ -32,7 +32,7 @@ from model.toy.world import ToyWorld  # noqa: E402
 from utils.build import Batches, build_method, pick_device  # noqa: E402
 from utils.config import compose_checked  # noqa: E402
 from utils.evaluation import sample  # noqa: E402
-from utils.toy_metrics import evaluate, pairwise_distance  # noqa: E402
+from utils.toy_metrics import evaluate, match_rule, pairwise_distance  # noqa: E402
 
 def oracle_loss(video: torch.Tensor, prompts: list[str], world: ToyWorld,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,7 +74,7 @@ def main(argv=None) -> dict:
     def evaluate_now(step: int) -> None:
         method.generator.eval()
         clips = sample(method, method.generator, eval_prompts, cfg.method.num_training_frames, cfg.seed)
-        scores = evaluate(clips, eval_prompts, world, cfg.data.metrics.match_threshold)
+        scores = evaluate(clips, eval_prompts, world, **match_rule(cfg.data.metrics))
         method.generator.train()
         history.append({"step": step, "match_rate": scores["match_rate"], "mean_distance": scores["mean_distance"]})
         print(f"step {step}: match rate {scores['match_rate']:.3f}, mean distance {scores['mean_distance']:.3f} "

@@ -10,7 +10,7 @@ import torch
 from model.toy import ToyWorld
 from pipeline.ode import euler_sample, sigma_grid
 from utils.toy_metrics import (append_jsonl, coverage, distance, evaluate,
-                               frame_error, frame_rmse, match_rate, pairwise_distance)
+                               frame_error, frame_rmse, match_radii, match_rate, pairwise_distance)
 from utils.video import grid_video, to_uint8, write_video
 
 A, B = "a red circle moving left", "a blue square moving up"
@@ -49,12 +49,33 @@ def test_match_rate_and_coverage_on_hand_made_samples(world):
         offset(tb[3], [-0.08] * f),              # 0.08: matches, covers B's template 3
     ])
     prompts = [A, A, A, A, B, B]
-    assert match_rate(samples, prompts, world) == pytest.approx(4 / 6)
+    assert match_rate(samples, prompts, world, threshold=0.1) == pytest.approx(4 / 6)
     assert match_rate(samples, prompts, world, threshold=0.2) == pytest.approx(5 / 6)
-    mean, per_prompt = coverage(samples, prompts, world)
+    mean, per_prompt = coverage(samples, prompts, world, threshold=0.1)
     k = world.templates_per_prompt
     assert per_prompt == {A: pytest.approx(2 / k), B: pytest.approx(1 / k)}
     assert mean == pytest.approx((2 / k + 1 / k) / 2)
+
+
+def test_match_radius_is_the_one_pixel_move_of_the_nearest_template(world):
+    ta = world.templates(A)
+    k, p = world.templates_per_prompt, world.prompt_index(A)
+    radius = match_radii(world, world.num_frames, 1.0)[p * k:(p + 1) * k]
+    f = world.num_frames
+    samples = torch.stack([
+        offset(ta[0], [0.95 * radius[0].item()] * f),   # just inside template 0's radius: a match
+        offset(ta[1], [1.05 * radius[1].item()] * f),   # just outside template 1's: nearest, but no match
+        offset(ta[2], [-0.5 * radius[2].item()] * f),   # well inside: a match
+    ])
+    result = evaluate(samples, [A, A, A], world)
+    assert result["match_rate"] == pytest.approx(2 / 3)
+    assert result["coverage"] == pytest.approx(2 / k)
+    assert (result["threshold"], result["match_tolerance_px"]) == (None, 1.0)
+    assert result["mean_distance"] == pytest.approx((0.95 * radius[0] + 1.05 * radius[1] + 0.5 * radius[2]).item() / 3)
+    # Half a pixel is a smaller radius; an absolute threshold replaces the radius.
+    assert match_rate(samples, [A, A, A], world, tolerance_px=0.5) == pytest.approx(1 / 3)
+    assert match_rate(samples, [A, A, A], world, threshold=0.1) == 0.0
+    assert evaluate(samples, [A, A, A], world, threshold=1.0)["match_tolerance_px"] is None
 
 
 @pytest.mark.parametrize("num_frames", [12, 36])
@@ -70,7 +91,7 @@ def test_frame_error_against_the_nearest_own_template(world, num_frames):
 def test_evaluate_bundles_the_metrics(world):
     ta = world.templates(A)
     samples = torch.stack([ta[0], offset(ta[1], [0.2] * world.num_frames)])
-    result = evaluate(samples, [A, A], world)
+    result = evaluate(samples, [A, A], world, threshold=0.1)
     assert result["match_rate"] == pytest.approx(0.5)
     assert result["coverage"] == pytest.approx(1 / world.templates_per_prompt)
     assert result["coverage_ideal"] == pytest.approx(1 - (1 - 1 / world.templates_per_prompt) ** 2)

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from model.toy import (VOCABULARY, ExactTeacher, IdentityVAE, ToyPromptDataset, ToyTextEncoder,
                        ToyVideoDataset, ToyWorld)
 from model.toy.world import BACKGROUND, COLOURS, DIRECTIONS
-from utils.toy_metrics import DEFAULT_MATCH_THRESHOLD, evaluate, pairwise_distance, sample_teacher
+from utils.toy_metrics import evaluate, match_radii, pairwise_distance, sample_teacher
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -45,14 +45,36 @@ def test_grammar_and_template_shapes(world):
 
 
 @pytest.mark.parametrize("num_frames", [12, 36])
-def test_templates_of_different_prompts_are_far_apart(world, num_frames):
+def test_templates_are_farther_apart_than_their_match_radius(world, num_frames):
     videos, ids = world.all_templates(num_frames)
     d = pairwise_distance(videos, videos)
+    radius = match_radii(world, num_frames, 1.0)
     same = ids[:, None] == ids[None]
-    # A match (within the threshold) can then never be confused with another prompt's template.
-    assert d[~same].min() > 3 * DEFAULT_MATCH_THRESHOLD
-    # A prompt's own templates are distinct too, so coverage can tell them apart.
-    assert d[same & ~torch.eye(len(ids), dtype=torch.bool)].min() > 3 * DEFAULT_MATCH_THRESHOLD
+    other = same & ~torch.eye(len(ids), dtype=torch.bool)
+    # A one-pixel move costs 0.25 (circle) to 0.35 (square) at 16 x 16, the same at any length.
+    assert 0.24 < radius.min() < radius.max() < 0.36
+    # A prompt's own templates lie outside each other's radius with room to spare (at least 0.15),
+    # so a matched sample reaches one template and coverage can tell them apart.
+    assert (d - radius[:, None])[other].min() > 0.15
+    # Another prompt's templates are at least a one-pixel move away (0.316 min: black and blue
+    # triangles on one path differ by one channel); the nearest-template rule tells them apart.
+    assert d[~same].min() > 0.3
+    assert (d - radius[:, None])[~same].min() > -0.01
+
+
+def test_match_radius_is_the_distance_to_the_moved_template(world):
+    prompt = "a red square moving left"
+    p, k = world.prompt_index(prompt), world.templates_per_prompt
+    _, colour, shape, _, _ = prompt.split()
+    centres, templates = world.centres(prompt), world.templates(prompt)
+    for px in (0.5, 1.0):
+        moves = [(px, 0.0), (-px, 0.0), (0.0, px), (0.0, -px)]
+        d = torch.stack([pairwise_distance(world.render(colour, shape, centres + torch.tensor(m, dtype=torch.float64)),
+                                           templates).diagonal() for m in moves])
+        # The four moves cost differently (at 1 px: 0.23 to 0.31; a move out of the frame costs least), so the
+        # radius is their mean.
+        assert (d.max(dim=0).values - d.min(dim=0).values > 0.01).all()
+        assert torch.allclose(match_radii(world, world.num_frames, px)[p * k:(p + 1) * k], d.mean(dim=0), atol=1e-9)
 
 
 def test_long_clips_are_defined_and_the_shape_stays_in_the_frame(world):

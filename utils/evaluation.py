@@ -48,7 +48,7 @@ def evaluate_toy(method, generator, data_cfg, step: int, seed: int, run_dir: Pat
     no guidance: its conditional is exact), the reference row a student is read against.
     Under FSDP every rank calls this (the generator's forwards are collectives), with write=True on one.
     """
-    from utils.toy_metrics import append_jsonl, evaluate, sample_teacher
+    from utils.toy_metrics import append_jsonl, evaluate, match_rule, sample_teacher
     from utils.video import grid_video, write_video
 
     world, metrics_cfg = method.real_score.world, data_cfg.metrics
@@ -61,7 +61,7 @@ def evaluate_toy(method, generator, data_cfg, step: int, seed: int, run_dir: Pat
                                    shift=method.cfg.timestep_shift, generator=torch.Generator().manual_seed(seed))
         else:
             clips = sample(method, generator, prompts, frames, seed)
-        scores = evaluate(clips, prompts, world, metrics_cfg.match_threshold)
+        scores = evaluate(clips, prompts, world, **match_rule(metrics_cfg))
         record.update({f"{prefix}{k}": v for k, v in scores.items() if k != "coverage_per_prompt"})
         if prefix == "" and not teacher and write:
             first = clips[:: metrics_cfg.samples_per_prompt]

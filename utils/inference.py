@@ -279,7 +279,7 @@ def prepare(cfg: DictConfig, overrides: list[str], device: torch.device) -> Plan
     if hasattr(student.text_encoder, "tokenize"):  # unknown words fail now, not after some videos are written
         for prompt in {it.prompt for it in items}:
             student.text_encoder.tokenize(prompt)
-    scored = student.match_threshold is not None
+    scored = student.match_rule is not None
     if scored and not {it.prompt for it in items} <= set(world.prompts):
         log0("toy metrics skipped: some prompts are not toy-world prompts", level=logging.WARNING)
         scored = False
@@ -334,7 +334,7 @@ def merge_index(plan: Plan, gathered: list, fps: int, world_size: int, device: t
 
         clips = torch.stack([c for _, c in sorted((c for _, _, cs in gathered for c in cs), key=lambda c: c[0])])
         s = plan.student
-        index["toy_metrics"] = evaluate(clips, [r["prompt"] for r in records], s.world, s.match_threshold)
+        index["toy_metrics"] = evaluate(clips, [r["prompt"] for r in records], s.world, **s.match_rule)
     return index | summarise([t for _, ts, _ in gathered for t in ts], [ts for _, ts, _ in gathered], device)
 
 

@@ -28,6 +28,7 @@ from pipeline.cuda_graphs import ChunkGraphs
 from utils.build import DTYPES, backbone_config
 from utils.checkpoint import CheckpointManager, find_checkpoint
 from utils.speed import SpeedSchema, apply_levers, resolve_levers
+from utils.toy_metrics import match_rule
 
 GROUPS = ("model", "method", "data")  # config groups shared with training
 CHECKPOINT_FORMS = (
@@ -146,7 +147,7 @@ class Student:
     cfg: MethodConfig
     latent_shape: tuple
     world: Any = None  # the toy world, for ground-truth metrics
-    match_threshold: float | None = None
+    match_rule: dict | None = None  # utils/toy_metrics.match_rule of the run's data.metrics
     runner: Any = None  # what the rollout calls: the generator, or its CUDA graphs (utils/speed.py)
     decode_stream: Any = None  # a CUDA stream that chunks decode on, overlapping the generator; None: in line
 
@@ -201,7 +202,7 @@ def build_student(node: DictConfig, method: MethodConfig, source: Source, device
     text_encoder = instantiate(m.text_encoder).eval().requires_grad_(False).to(device)
     vae = instantiate(m.vae).eval().requires_grad_(False).to(device)
     metrics = node.data.get("metrics")
-    threshold = metrics.match_threshold if world is not None and metrics is not None else None
+    rule = match_rule(metrics) if world is not None and metrics is not None else None
     levers = resolve_levers(speed if speed is not None else SpeedSchema(), device, backend)
     runner, stream = apply_levers(generator, vae, levers)
-    return Student(generator, text_encoder, vae, method, tuple(m.latent_shape), world, threshold, runner, stream)
+    return Student(generator, text_encoder, vae, method, tuple(m.latent_shape), world, rule, runner, stream)

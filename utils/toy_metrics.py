@@ -2,7 +2,8 @@
 
 Every sample clip [F, C, H, W] is compared with the world's templates of the same length:
   * match_rate: its nearest template (over all prompts) is one of its own prompt's and lies
-    within `threshold`; it looks like the prompted clip and like nothing else;
+    within the match radius: by default no farther from it than that template moved by one pixel
+    (`tolerance_px`), or within an absolute `threshold`; it looks like the prompted clip;
   * coverage: how many of a prompt's templates its matched samples reach (mode collapse shows
     as coverage 1 / K);
   * frame_error: per frame index, the error against the sample's nearest own-prompt template;
@@ -11,6 +12,7 @@ A reference row comes from the exact teacher itself: `sample_teacher` is 50-step
 flow, so a student's numbers can be read next to what the teacher gets.
 """
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +22,12 @@ import torch
 from model.toy.world import ToyWorld
 from pipeline.ode import euler_sample, sigma_grid
 
-# Templates of different prompts are at least 0.316 apart in `distance` (a red circle against a
-# red triangle on the same path, at 16 x 16), so a sample within 0.1 of a template is far from
-# every other prompt's template (>= 0.2 by the triangle inequality): a match is unambiguous.
-# 0.1 is also what moving a shape by a quarter pixel costs (0.07 to 0.095), a barely visible error.
-DEFAULT_MATCH_THRESHOLD = 0.1
+# The match radius of a template is its distance to itself moved by `tolerance_px` pixels (the
+# mean over left, right, up and down), so the rule reads "the right picture to within a pixel"
+# at any frame size. At 16 x 16 a one-pixel move costs 0.25 to 0.35 (by shape and path); a
+# template of another prompt is at least 0.316 away and the nearest-template rule keeps
+# those apart. An absolute `threshold` (e.g. 0.1, about a quarter pixel) overrides the radius.
+DEFAULT_TOLERANCE_PX = 1.0
 REQUIRED_FIELDS = ("step", "match_rate", "coverage", "frame_error")
 
 
@@ -54,6 +57,29 @@ def pairwise_distance(samples: torch.Tensor, templates: torch.Tensor) -> torch.T
     return d / f
 
 
+@functools.lru_cache(maxsize=16)
+def match_radii(world: ToyWorld, num_frames: int, tolerance_px: float) -> torch.Tensor:
+    """[M] per template of `world.all_templates(num_frames)`: its distance to itself moved by tolerance_px."""
+    radii = []
+    for prompt in world.prompts:
+        _, colour, shape, _, _ = prompt.split()
+        centres = world.centres(prompt, num_frames)
+        template = world.render(colour, shape, centres)
+        moves = torch.tensor([[1, 0], [-1, 0], [0, 1], [0, -1]], dtype=torch.float64) * tolerance_px
+        moved = torch.stack([world.render(colour, shape, centres + m) for m in moves])
+        radii.append(distance(moved, template[None]).mean(dim=0))
+    return torch.cat(radii)
+
+
+def match_rule(metrics_cfg) -> dict:
+    """`threshold` / `tolerance_px` keywords of `evaluate` from a data.metrics config.
+
+    Configs written before match_tolerance_px existed carry an absolute match_threshold, kept as it was.
+    """
+    threshold = metrics_cfg.get("match_threshold")
+    return {"threshold": threshold, "tolerance_px": metrics_cfg.get("match_tolerance_px", DEFAULT_TOLERANCE_PX)}
+
+
 @dataclass
 class Assignment:
     """Each sample's nearest templates, shared by all metrics so distances are computed once."""
@@ -78,24 +104,32 @@ def assign(samples: torch.Tensor, prompts: list[str], world: ToyWorld) -> Assign
                       templates)
 
 
-def matched(a: Assignment, threshold: float = DEFAULT_MATCH_THRESHOLD) -> torch.Tensor:
-    """[N] bool: the nearest template is the sample's own prompt's and within threshold."""
-    return (a.template_prompt[a.nearest] == a.own) & (a.nearest_distance <= threshold)
+def radius_of(a: Assignment, world: ToyWorld, threshold: float | None = None,
+              tolerance_px: float = DEFAULT_TOLERANCE_PX) -> torch.Tensor:
+    """[M] the match radius of every template: `threshold` if given, else its `tolerance_px` move."""
+    if threshold is not None:
+        return torch.full(a.template_prompt.shape, float(threshold), dtype=torch.float64)
+    return match_radii(world, a.templates.shape[1], float(tolerance_px))
 
 
-def match_rate(samples: torch.Tensor, prompts: list[str], world: ToyWorld,
-               threshold: float = DEFAULT_MATCH_THRESHOLD) -> float:
-    return matched(assign(samples, prompts, world), threshold).double().mean().item()
+def matched(a: Assignment, radius: torch.Tensor) -> torch.Tensor:
+    """[N] bool: the nearest template is the sample's own prompt's and within its radius [M]."""
+    return (a.template_prompt[a.nearest] == a.own) & (a.nearest_distance <= radius[a.nearest])
 
 
-def coverage_of(a: Assignment, world: ToyWorld,
-                threshold: float = DEFAULT_MATCH_THRESHOLD) -> tuple[float, dict[str, float]]:
+def match_rate(samples: torch.Tensor, prompts: list[str], world: ToyWorld, threshold: float | None = None,
+               tolerance_px: float = DEFAULT_TOLERANCE_PX) -> float:
+    a = assign(samples, prompts, world)
+    return matched(a, radius_of(a, world, threshold, tolerance_px)).double().mean().item()
+
+
+def coverage_of(a: Assignment, world: ToyWorld, radius: torch.Tensor) -> tuple[float, dict[str, float]]:
     """Mean and per-prompt coverage, over the prompts that have samples.
 
     A template counts as covered when it is the nearest template of a *matched* sample of its
     prompt: a blurry or wrong sample is nearest to some template too, but reaches nothing.
     """
-    ok = matched(a, threshold)
+    ok = matched(a, radius)
     k = world.templates_per_prompt
     per_prompt = {}
     for p in a.own.unique().tolist():
@@ -116,9 +150,10 @@ def ideal_coverage(a: Assignment, world: ToyWorld) -> float:
     return (1 - (1 - 1 / k) ** counts).mean().item()
 
 
-def coverage(samples: torch.Tensor, prompts: list[str], world: ToyWorld,
-             threshold: float = DEFAULT_MATCH_THRESHOLD) -> tuple[float, dict[str, float]]:
-    return coverage_of(assign(samples, prompts, world), world, threshold)
+def coverage(samples: torch.Tensor, prompts: list[str], world: ToyWorld, threshold: float | None = None,
+             tolerance_px: float = DEFAULT_TOLERANCE_PX) -> tuple[float, dict[str, float]]:
+    a = assign(samples, prompts, world)
+    return coverage_of(a, world, radius_of(a, world, threshold, tolerance_px))
 
 
 def frame_error_of(samples: torch.Tensor, a: Assignment) -> list[float]:
@@ -130,13 +165,17 @@ def frame_error(samples: torch.Tensor, prompts: list[str], world: ToyWorld) -> l
     return frame_error_of(samples, assign(samples, prompts, world))
 
 
-def evaluate(samples: torch.Tensor, prompts: list[str], world: ToyWorld,
-             threshold: float = DEFAULT_MATCH_THRESHOLD) -> dict:
-    """All toy metrics of samples [N, F, C, H, W] generated for `prompts`, as a JSON-able dict."""
+def evaluate(samples: torch.Tensor, prompts: list[str], world: ToyWorld, threshold: float | None = None,
+             tolerance_px: float = DEFAULT_TOLERANCE_PX) -> dict:
+    """All toy metrics of samples [N, F, C, H, W] generated for `prompts`, as a JSON-able dict.
+
+    A match is within `threshold` of the nearest template if given, else within its `tolerance_px` move.
+    """
     a = assign(samples, prompts, world)
-    cov, per_prompt = coverage_of(a, world, threshold)
+    radius = radius_of(a, world, threshold, tolerance_px)
+    cov, per_prompt = coverage_of(a, world, radius)
     return {
-        "match_rate": matched(a, threshold).double().mean().item(),
+        "match_rate": matched(a, radius).double().mean().item(),
         "coverage": cov,
         "coverage_per_prompt": per_prompt,
         "coverage_ideal": ideal_coverage(a, world),
@@ -145,6 +184,7 @@ def evaluate(samples: torch.Tensor, prompts: list[str], world: ToyWorld,
         "num_samples": samples.shape[0],
         "num_frames": samples.shape[1],
         "threshold": threshold,
+        "match_tolerance_px": None if threshold is not None else tolerance_px,
     }
 
 
