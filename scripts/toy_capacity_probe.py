@@ -4,8 +4,8 @@ The generator is trained exactly as self forcing trains it (its own rollouts, th
 gradient window and noise draws), but the loss is the ground truth instead of a distribution-matching
 estimate: the mean squared error between each rolled-out clip and the nearest template of its own
 prompt. No critic and no teacher are involved, so this bounds what DMD or SiD could reach with the
-same network, budget and optimiser: if this oracle does not get within the match threshold, a better
-distillation signal will not either.
+same network, budget and optimiser: if this oracle does not get within a distance (the match radius, or
+an absolute data.metrics.match_threshold), a better distillation signal will not either.
 
   python scripts/toy_capacity_probe.py --steps 300                       # the toy default's network and budget
   python scripts/toy_capacity_probe.py --steps 300 --beta1 0.9 model.backbone.ffn_dim=512   # Hydra overrides
