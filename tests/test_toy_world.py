@@ -51,12 +51,12 @@ def test_templates_are_farther_apart_than_their_match_radius(world, num_frames):
     radius = match_radii(world, num_frames, 1.0)
     same = ids[:, None] == ids[None]
     other = same & ~torch.eye(len(ids), dtype=torch.bool)
-    # A one-pixel move costs 0.25 (circle) to 0.35 (square) at 16 x 16, the same at any length.
+    # A one-pixel move costs 0.25 to 0.35 at 16 x 16 (by shape and path), the same at any length.
     assert 0.24 < radius.min() < radius.max() < 0.36
     # A prompt's own templates lie outside each other's radius with room to spare (at least 0.15),
     # so a matched sample reaches one template and coverage can tell them apart.
     assert (d - radius[:, None])[other].min() > 0.15
-    # Another prompt's templates are at least a one-pixel move away (0.316 min: black and blue
+    # Another prompt's templates are about a one-pixel move away or more (0.316 min: black and blue
     # triangles on one path differ by one channel); the nearest-template rule tells them apart.
     assert d[~same].min() > 0.3
     assert (d - radius[:, None])[~same].min() > -0.01
