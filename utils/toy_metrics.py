@@ -60,14 +60,13 @@ def pairwise_distance(samples: torch.Tensor, templates: torch.Tensor) -> torch.T
 @functools.lru_cache(maxsize=16)
 def match_radii(world: ToyWorld, num_frames: int, tolerance_px: float) -> torch.Tensor:
     """[M] per template of `world.all_templates(num_frames)`: its distance to itself moved by tolerance_px."""
+    moves = torch.tensor([[1, 0], [-1, 0], [0, 1], [0, -1]], dtype=torch.float64) * tolerance_px
     radii = []
     for prompt in world.prompts:
         _, colour, shape, _, _ = prompt.split()
         centres = world.centres(prompt, num_frames)
-        template = world.render(colour, shape, centres)
-        moves = torch.tensor([[1, 0], [-1, 0], [0, 1], [0, -1]], dtype=torch.float64) * tolerance_px
         moved = torch.stack([world.render(colour, shape, centres + m) for m in moves])
-        radii.append(distance(moved, template[None]).mean(dim=0))
+        radii.append(distance(moved, world.templates(prompt, num_frames)[None]).mean(dim=0))
     return torch.cat(radii)
 
 
