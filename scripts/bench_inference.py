@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.base import MethodConfig  # noqa: E402
+from model.wan.attention import fa4_supported  # noqa: E402
 from model.wan.text_encoder import WanTextEncoder  # noqa: E402
 from model.wan.transformer import WanDiT  # noqa: E402
 from model.wan.vae import WanVAE  # noqa: E402
@@ -59,6 +60,7 @@ LADDER = [
     ("+vae_fused_norm", {"vae_fused_norm": True}),
     ("+vae_stacked_conv", {"vae_stacked_conv": True}),
     ("+decode_stream", {"decode_stream": True}),
+    ("+fa4_attention", {"fa4_attention": True, "cudnn_attention": False}),  # FA4 replaces cuDNN for self-attention
 ]
 PROMPT = "a red car moving left on a street at sunset"
 
@@ -74,10 +76,12 @@ def configurations(names: list[str]) -> list[tuple[str, dict]]:
     for name in names:
         if name in ladder:
             out.append((name, ladder[name]))
-        elif name == "all":
-            out.append((name, dict.fromkeys(LEVERS, True)))
-        elif name.startswith("all-") and name[4:] in LEVERS:
-            out.append((name, {**dict.fromkeys(LEVERS, True), name[4:]: False}))
+        elif name == "all" or (name.startswith("all-") and name[4:] in LEVERS):
+            every = dict.fromkeys(LEVERS, True)
+            # one attention kernel: FA4 where flash-attn-4 runs, else cuDNN
+            every["fa4_attention"] = fa4_supported(torch.device("cuda")) is None
+            every["cudnn_attention"] = not every["fa4_attention"]
+            out.append((name, every if name == "all" else {**every, name[4:]: False}))
         elif name == "default":
             out.append((name, resolve_levers(SpeedSchema(), torch.device("cuda"))))
         elif name.startswith("default") and all(lever in LEVERS for lever in re.split("[+-]", name)[1:]):

@@ -40,12 +40,17 @@ def student(folder, **levers) -> Student:
 def test_levers_default_off_on_cpu_and_cuda_only_levers_refuse_it():
     auto = SpeedSchema(**dict.fromkeys(vars(SpeedSchema()), None))
     assert not any(resolve_levers(auto, CPU).values())
-    assert all(resolve_levers(auto, torch.device("cuda")).values())
-    # flash_attn chosen by the model: cuDNN stays off when automatic, and true is a conflict
-    assert not resolve_levers(auto, torch.device("cuda"), "flash_attn")["cudnn_attention"]
+    on_cuda = resolve_levers(auto, torch.device("cuda"))
+    # one attention lever: FA4 where it runs (not here: no package, no GPU), else cuDNN
+    assert not on_cuda.pop("fa4_attention") and all(on_cuda.values())
+    # a kernel named by the model: the attention levers stay off when automatic, and true is a conflict
+    for backend in ("flash_attn", "cudnn"):
+        levers = resolve_levers(auto, torch.device("cuda"), backend)
+        assert not levers["cudnn_attention"] and not levers["fa4_attention"]
+    assert resolve_levers(auto, torch.device("cuda"), "auto")["cudnn_attention"]  # "auto" leaves the kernel open
     with pytest.raises(ValueError, match="model.attention_backend=flash_attn"):
         resolve_levers(SpeedSchema(cudnn_attention=True), torch.device("cuda"), "flash_attn")
-    for lever in ("cudnn_attention", "cuda_graphs", "cudnn_benchmark", "decode_stream"):
+    for lever in ("cudnn_attention", "fa4_attention", "cuda_graphs", "cudnn_benchmark", "decode_stream"):
         with pytest.raises(ValueError, match=f"speed.{lever}=true needs a CUDA device"):
             resolve_levers(SpeedSchema(**{lever: True}), CPU)
     levers = resolve_levers(SpeedSchema(fused_elementwise=True, vae_channels_last=True), CPU)
@@ -56,6 +61,34 @@ def test_cudnn_attention_refuses_cpu_tensors():
     q = torch.randn(1, 4, 2, 8)
     with pytest.raises(ValueError, match="'cudnn' runs on CUDA"):
         attention(q, q, q, "cudnn")
+    with pytest.raises(ValueError, match="'fa4' runs on CUDA"):
+        attention(q, q, q, "fa4")
+
+
+def test_fa4_without_its_package_fails_clearly(monkeypatch):
+    import model.wan.attention as attn
+
+    monkeypatch.setattr(attn, "_has_module", lambda name: False)  # as on a machine without flash-attn-4
+    with pytest.raises(ValueError, match="pip install flash-attn-4"):
+        resolve_levers(SpeedSchema(fa4_attention=True), torch.device("cuda"))
+    assert not resolve_levers(SpeedSchema(fa4_attention=None), torch.device("cuda"))["fa4_attention"]
+    with pytest.raises(ValueError, match="attention backend 'fa4' was selected but the flash-attn-4 package"):
+        WanDiT(**TRANSFORMER).set_attention_backend("fa4")
+    monkeypatch.setattr(attn, "_has_module", lambda name: name == "flash_attn.cute")  # installed, but a CPU model
+    with pytest.raises(ValueError, match="FlashAttention-4 runs on CUDA GPUs, not on cpu"):
+        WanDiT(**TRANSFORMER).set_attention_backend("fa4")
+    assert not attn.flash_attn_available()  # flash-attn-4 alone is no flash-attn 2
+
+
+def test_fused_feed_forward_is_the_module_where_the_epilogue_cannot_run():
+    from model.wan.fused import feed_forward
+
+    block = randomize(WanDiT(**TRANSFORMER), seed=1).blocks[0]
+    h = torch.randn(2, 5, TRANSFORMER["num_attention_heads"] * TRANSFORMER["attention_head_dim"])
+    with torch.no_grad():  # on the CPU, torch._addmm_activation's GELU is erf, not Wan's tanh: the module runs
+        assert torch.equal(feed_forward(block.ffn, h, fused=True), block.ffn(h))
+    # with grad (training) the module runs too: the epilogue has no backward
+    assert torch.equal(feed_forward(block.ffn, h, fused=True), block.ffn(h))
 
 
 def test_vae_channels_last_stream_decode_equals_plain(tiny_wan_folder, monkeypatch):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model.base import MethodConfig
-from model.wan.attention import CausalPattern
+from model.wan.attention import CausalPattern, fa4_supported
 from model.wan.kv_cache import CrossAttnCache, KVCache
 from model.wan.text_encoder import WanTextEncoder
 from model.wan.transformer import WanDiT
@@ -21,6 +21,7 @@ pytestmark = pytest.mark.gpu
 
 # Heads of 64 (cuDNN's and flash's sizes), 390 tokens a frame (not a multiple of 128)
 SMALL = {**TINY, "num_attention_heads": 4, "attention_head_dim": 64, "ffn_dim": 512, "num_layers": 3}
+NO_FA4 = fa4_supported(torch.device("cuda")) if torch.cuda.is_available() else "no CUDA"
 BF16_TOL = 3e-2  # bf16 activations through 3 blocks: kernels that sum in another order differ by a few ulps
 
 
@@ -63,13 +64,17 @@ def inputs(seed: int):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("lever", ["cudnn_attention", "fused_elementwise"])
+@pytest.mark.parametrize("lever", ["cudnn_attention", "fa4_attention", "fused_elementwise"])
 def test_dit_lever_matches_plain_rollout(lever):
+    if lever == "fa4_attention" and NO_FA4:
+        pytest.skip(NO_FA4)
     model = small_model()
     noise, ctx = inputs(1)
     plain = roll(model, model, noise, ctx)
     if lever == "cudnn_attention":
         model.set_attention_backend("cudnn")
+    elif lever == "fa4_attention":  # chunks 1 and 2 (2,340 and 3,510 keys) on FA4, chunk 0 and the text on cuDNN
+        model.set_attention_backend("fa4")
     else:
         model.set_fused_elementwise(True)
     fast = roll(model, model, noise, ctx)
@@ -79,9 +84,12 @@ def test_dit_lever_matches_plain_rollout(lever):
 
 
 @torch.no_grad()
-def test_cuda_graphs_replay_exactly_across_videos_and_prompts():
+@pytest.mark.parametrize("backend", ["cudnn", "fa4"])
+def test_cuda_graphs_replay_exactly_across_videos_and_prompts(backend):
+    if backend == "fa4" and NO_FA4:
+        pytest.skip(NO_FA4)
     model = small_model()
-    model.set_attention_backend("cudnn")
+    model.set_attention_backend(backend)
     model.set_fused_elementwise(True)
     graphs = ChunkGraphs(model)
     pattern = CausalPattern(3)
@@ -136,6 +144,8 @@ def test_generate_with_every_lever_matches_plain(tiny_wan_folder):
         vae = WanVAE(str(tiny_wan_folder), dtype="bfloat16", device="cuda")
         text = WanTextEncoder(str(tiny_wan_folder), text_len=8, dtype="bfloat16", device="cuda").eval()
         speed = SpeedSchema(**dict.fromkeys(vars(SpeedSchema()), True if on else False))
+        if on:  # one attention kernel: FA4 where it runs, else cuDNN
+            speed.fa4_attention, speed.cudnn_attention = not NO_FA4, bool(NO_FA4)
         runner, stream = apply_levers(generator, vae, resolve_levers(speed, torch.device("cuda")))
         cfg = MethodConfig(num_frame_per_block=3, num_training_frames=9)
         return Student(generator, text, vae, cfg, (4, 30, 52), runner=runner, decode_stream=stream)

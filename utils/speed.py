@@ -23,6 +23,7 @@ class SpeedSchema:
     defaults are null for the levers measured faster on an H100 (README, Performance), false otherwise."""
 
     cudnn_attention: Optional[bool] = False  # SDPA pinned to cuDNN's attention; off: torch 2.11 on an H100 already picks it
+    fa4_attention: Optional[bool] = None  # FlashAttention-4 (pip install flash-attn-4) for self-attention; null: on where it runs
     fused_elementwise: Optional[bool] = None  # torch.compile the blocks' norms, modulation, RoPE, gated residuals
     cuda_graphs: Optional[bool] = None  # capture one CUDA graph per chunk position and replay it
     vae_channels_last: Optional[bool] = None  # channels-last 3-D convolutions in the VAE decoder
@@ -35,24 +36,43 @@ class SpeedSchema:
 
 
 LEVERS = tuple(f.name for f in fields(SpeedSchema))
-CUDA_ONLY = ("cudnn_attention", "cuda_graphs", "cudnn_benchmark", "decode_stream")
+CUDA_ONLY = ("cudnn_attention", "fa4_attention", "cuda_graphs", "cudnn_benchmark", "decode_stream")
 
 
 def resolve_levers(speed, device: torch.device, attention_backend: str = "sdpa") -> dict[str, bool]:
-    """{lever: on?} from the config (a SpeedSchema, a DictConfig or a dict) for `device`."""
-    values = {name: speed[name] if isinstance(speed, dict) else getattr(speed, name) for name in LEVERS}
+    """{lever: on?} from the config (a SpeedSchema, a DictConfig or a dict) for `device`.
+
+    attention_backend is the model config's (before "auto" is resolved): the attention levers pick the
+    kernel only where the config leaves it open ("sdpa" or "auto"), never over a named backend."""
+    from model.wan.attention import fa4_supported
+
+    values = {name: speed.get(name) if isinstance(speed, dict) else getattr(speed, name) for name in LEVERS}
+    kernel_named = attention_backend not in ("sdpa", "auto")
     levers = {}
     for name, value in values.items():
         if value is None:
-            value = device.type == "cuda" and not (name == "cudnn_attention" and attention_backend != "sdpa")
+            value = device.type == "cuda" and not (name in ("cudnn_attention", "fa4_attention") and kernel_named)
+            if name == "fa4_attention" and value and fa4_supported(device):
+                log.info("speed.fa4_attention=null: off, %s", fa4_supported(device))
+                value = False
         elif value and name in CUDA_ONLY and device.type != "cuda":
             raise ValueError(f"speed.{name}=true needs a CUDA device, but inference runs on {device}; set it to false or null")
+        elif value and name == "fa4_attention" and fa4_supported(device):
+            raise ValueError(f"speed.fa4_attention=true, but {fa4_supported(device)}; set it to false or null")
         levers[name] = bool(value)
-    if levers["cudnn_attention"] and attention_backend != "sdpa":
-        raise ValueError(
-            f"speed.cudnn_attention=true pins SDPA to cuDNN, but model.attention_backend={attention_backend}; "
-            "choose one: model.attention_backend=sdpa or speed.cudnn_attention=false"
-        )
+    for name in ("cudnn_attention", "fa4_attention"):
+        if levers[name] and kernel_named:
+            raise ValueError(
+                f"speed.{name}=true picks the attention kernel, but model.attention_backend={attention_backend}; "
+                f"choose one: model.attention_backend=auto or speed.{name}=false"
+            )
+    if levers["cudnn_attention"] and levers["fa4_attention"]:  # one of them left null gives way
+        if values["cudnn_attention"] is None:
+            levers["cudnn_attention"] = False
+        elif values["fa4_attention"] is None:
+            levers["fa4_attention"] = False
+    if levers["cudnn_attention"] and levers["fa4_attention"]:
+        raise ValueError("speed.cudnn_attention and speed.fa4_attention both pick the attention kernel: set one of them to false")
     return levers
 
 
@@ -63,6 +83,8 @@ def apply_levers(generator, vae, levers: dict[str, bool]):
 
     if levers["cudnn_attention"]:
         generator.set_attention_backend("cudnn")
+    if levers["fa4_attention"]:
+        generator.set_attention_backend("fa4")  # FA4 for self-attention, cuDNN for the short cross-attention
     generator.set_fused_elementwise(levers["fused_elementwise"])
     for lever, setter in (("vae_channels_last", "set_channels_last"), ("vae_fused_norm", "set_fused_norms"),
                           ("vae_stacked_conv", "set_stacked_convs"), ("vae_implicit_padding", "set_implicit_padding"),

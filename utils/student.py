@@ -203,6 +203,6 @@ def build_student(node: DictConfig, method: MethodConfig, source: Source, device
     vae = instantiate(m.vae).eval().requires_grad_(False).to(device)
     metrics = node.data.get("metrics")
     rule = match_rule(metrics) if world is not None and metrics is not None else None
-    levers = resolve_levers(speed if speed is not None else SpeedSchema(), device, backend)
+    levers = resolve_levers(speed if speed is not None else SpeedSchema(), device, m.attention_backend)
     runner, stream = apply_levers(generator, vae, levers)
     return Student(generator, text_encoder, vae, method, tuple(m.latent_shape), world, rule, runner, stream)

@@ -3,7 +3,9 @@
 Three kernels serve three cases:
 - unmasked attention (bidirectional clips, a KV-cache chunk over its visible past, cross-attention):
   SDPA by default (PyTorch picks its kernel), SDPA pinned to cuDNN's fused attention (a Hopper-tuned
-  kernel, CUDA only), or flash-attn when it is installed and selected;
+  kernel, CUDA only), FlashAttention-4 (the flash-attn-4 package's CuTe kernels for Hopper and
+  Blackwell, run as SDPA's flash kernel through torch.nn.attention's registry), or flash-attn (2)
+  when it is installed and selected;
 - the whole-clip block-causal mask: FlexAttention on CUDA (block-sparse, no dense mask), SDPA with
   a dense boolean mask on CPU, where FlexAttention has no backward.
 Tensors are laid out [B, L, heads, head_dim] throughout, as diffusers' Wan attention does.
@@ -19,7 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-BACKENDS = ("sdpa", "cudnn", "flash_attn")
+BACKENDS = ("sdpa", "cudnn", "flash_attn", "fa4")
+# With "fa4", attention over fewer keys than this runs on cuDNN instead: the cross-attention's 512
+# text tokens (0.074 ms on cuDNN, 0.128 ms on FA4 for a 3-frame chunk on an H100); every
+# self-attention of a Wan-1.3B chunk or clip (4,680 keys and more) is faster on FA4
+# (scripts/bench_attention.py, README: Performance).
+FA4_MIN_KEYS = 2048
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -108,11 +115,43 @@ class CausalPattern:
         return visible
 
 
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:  # a parent package is missing
+        return False
+
+
 def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+    """flash-attn 2 (`flash_attn.flash_attn_func`); flash-attn-4 alone installs only `flash_attn.cute`."""
+    return _has_module("flash_attn.flash_attn_interface")
 
 
-def check_backend(backend: str) -> None:
+def fa4_available() -> bool:
+    return _has_module("flash_attn.cute")
+
+
+def fa4_supported(device: torch.device) -> str | None:
+    """None if FlashAttention-4 can run on `device`, else why not."""
+    if not fa4_available():
+        return "the flash-attn-4 package is not installed (pip install flash-attn-4)"
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return f"FlashAttention-4 runs on CUDA GPUs, not on {device}"
+    major = torch.cuda.get_device_capability(device)[0]
+    if major not in (9, 10):
+        return f"FlashAttention-4 needs a Hopper or Blackwell GPU (compute capability 9.x or 10.x), this one is {major}.x"
+    return None
+
+
+@functools.cache
+def _activate_fa4() -> None:
+    """Make FlashAttention-4 the kernel behind SDPA's flash backend (process-wide, once)."""
+    from torch.nn.attention import activate_flash_attention_impl
+
+    activate_flash_attention_impl("FA4")
+
+
+def check_backend(backend: str, device: torch.device | None = None) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r} is unknown; expected one of {BACKENDS} (or 'auto' in the config)")
     if backend == "flash_attn" and not flash_attn_available():
@@ -120,6 +159,11 @@ def check_backend(backend: str) -> None:
             "attention backend 'flash_attn' was selected but the flash_attn package is not installed; "
             "install flash-attn (a wheel matching your torch and CUDA) or select 'sdpa'"
         )
+    if backend == "fa4":
+        why = "the flash-attn-4 package is not installed (pip install flash-attn-4)" if not fa4_available() else (
+            fa4_supported(device) if device is not None else None)
+        if why:
+            raise ValueError(f"attention backend 'fa4' was selected but {why}; select 'cudnn' or 'sdpa'")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
@@ -128,12 +172,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
         from flash_attn import flash_attn_func  # imported lazily: an optional dependency
 
         return flash_attn_func(q, k, v)
-    if backend == "cudnn":
+    if backend in ("cudnn", "fa4"):
         if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(
-                f"attention backend 'cudnn' runs on CUDA in bf16 / fp16, got a {q.dtype} tensor on {q.device}; "
+                f"attention backend {backend!r} runs on CUDA in bf16 / fp16, got a {q.dtype} tensor on {q.device}; "
                 "select attention_backend=sdpa for this model"
             )
+        if backend == "fa4" and k.shape[1] >= FA4_MIN_KEYS:
+            _activate_fa4()
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # FA4 now; no fallback: an unsupported shape raises
+                out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            return out.transpose(1, 2)
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):  # no fallback: an unsupported shape raises
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2)

@@ -69,6 +69,21 @@ def add_norm_modulate(x, h, scale, shift, eps: float):
     return x, norm_modulate(x, scale, shift, eps)
 
 
+def feed_forward(ffn: torch.nn.Module, h: torch.Tensor, fused: bool) -> torch.Tensor:
+    """diffusers' FeedForward (Linear, GELU(tanh), Linear). With `fused`, on CUDA and without grad, the first
+    product's bias and GELU run in cuBLASLt's epilogue (`torch._addmm_activation`, whose CUDA GELU is
+    the tanh form): one pass less over the 8960-wide hidden tokens (0.24 -> 0.20 ms per 3-frame chunk
+    on an H100). It has no backward, and on the CPU it computes the erf GELU, so training, CPU runs and
+    autocast keep the module's own ops."""
+    up = ffn.net[0]
+    if not (fused and h.is_cuda and len(ffn.net) == 3 and not torch.is_grad_enabled() and not torch.is_autocast_enabled()
+            and getattr(up, "approximate", None) == "tanh" and up.proj.bias is not None
+            and h.dtype == up.proj.weight.dtype and not (ffn.training and ffn.net[1].p > 0)):
+        return ffn(h)
+    hidden = torch._addmm_activation(up.proj.bias, h.reshape(-1, h.shape[-1]), up.proj.weight.t(), use_gelu=True)
+    return ffn.net[2](hidden).view(*h.shape[:-1], -1)
+
+
 _OPS = ("rms_norm", "norm_modulate", "qk_norm_rope", "gated_add", "gated_add_out", "gated_add_norm", "add_norm_modulate")
 
 

@@ -23,7 +23,7 @@ from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel, WanTransformerBlock
 
 from .attention import CausalPattern, attention, block_causal_attention, check_backend
-from .fused import block_ops
+from .fused import block_ops, feed_forward
 from .kv_cache import ChunkPlan, CrossAttnCache, KVCache
 from .weights import raise_on_mismatch
 
@@ -77,7 +77,7 @@ class WanDiTBlock(WanTransformerBlock):
 
         # 3. Feed-forward
         x, h = ops.add_norm_modulate(x, per_frame(h), c_scale, c_shift, self.norm3.eps)
-        h = self.ffn(h)
+        h = feed_forward(self.ffn, h, spec.fused)
         return ops.gated_add_out(x.view(batch, length, dim), h, c_gate)
 
     def _self_attention(self, h, rope, spec: AttnSpec, layer, past, write, ops):
@@ -159,8 +159,9 @@ class WanDiT(WanTransformer3DModel):
         return (model, info) if want_info else model
 
     def set_attention_backend(self, backend: str) -> None:
-        """Select the kernel for unmasked attention: "sdpa" (default) or "flash_attn"."""
-        check_backend(backend)
+        """Select the kernel for unmasked attention: "sdpa" (default), "cudnn", "fa4" or "flash_attn"."""
+        device = self.patch_embedding.weight.device
+        check_backend(backend, None if device.type == "meta" else device)
         self.attention_backend = backend
 
     def set_fused_elementwise(self, fused: bool) -> None:
