@@ -4,7 +4,8 @@ Three kernels serve three cases:
 - unmasked attention (bidirectional clips, a KV-cache chunk over its visible past, cross-attention):
   SDPA by default (PyTorch picks its kernel), SDPA pinned to cuDNN's fused attention (a Hopper-tuned
   kernel, CUDA only), FlashAttention-4 (the flash-attn-4 package's CuTe kernels for Hopper and
-  Blackwell, run as SDPA's flash kernel through torch.nn.attention's registry), or flash-attn (2)
+  Blackwell, through its public `flash_attn.cute.flash_attn_func`; torch 2.11's own FA4 registration
+  does not unpack what flash-attn-4 4.0.0b36 returns), or flash-attn (2)
   when it is installed and selected;
 - the whole-clip block-causal mask: FlexAttention on CUDA (block-sparse, no dense mask), SDPA with
   a dense boolean mask on CPU, where FlexAttention has no backward.
@@ -143,14 +144,6 @@ def fa4_supported(device: torch.device) -> str | None:
     return None
 
 
-@functools.cache
-def _activate_fa4() -> None:
-    """Make FlashAttention-4 the kernel behind SDPA's flash backend (process-wide, once)."""
-    from torch.nn.attention import activate_flash_attention_impl
-
-    activate_flash_attention_impl("FA4")
-
-
 def check_backend(backend: str, device: torch.device | None = None) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r} is unknown; expected one of {BACKENDS} (or 'auto' in the config)")
@@ -179,10 +172,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
                 "select attention_backend=sdpa for this model"
             )
         if backend == "fa4" and k.shape[1] >= FA4_MIN_KEYS:
-            _activate_fa4()
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # FA4 now; no fallback: an unsupported shape raises
-                out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-            return out.transpose(1, 2)
+            from flash_attn.cute import flash_attn_func  # imported lazily: an optional dependency
+
+            out = flash_attn_func(q, k, v)  # [B, L, H, D] in and out, as here
+            return out[0] if isinstance(out, tuple) else out  # some versions return (out, lse)
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):  # no fallback: an unsupported shape raises
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2)
