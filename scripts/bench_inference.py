@@ -86,7 +86,7 @@ def configurations(names: list[str]) -> list[tuple[str, dict]]:
             out.append((name, resolve_levers(SpeedSchema(), torch.device("cuda"))))
         elif name.startswith("default") and all(lever in LEVERS for lever in re.split("[+-]", name)[1:]):
             levers = resolve_levers(SpeedSchema(), torch.device("cuda"))
-            for sign, lever in re.findall("([+-])([a-z_]+)", name[7:]):
+            for sign, lever in re.findall("([+-])([a-z0-9_]+)", name[7:]):
                 levers[lever] = sign == "+"
             out.append((name, levers))
         elif name.startswith("only+") and name[5:] in LEVERS:
