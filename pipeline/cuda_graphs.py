@@ -37,6 +37,7 @@ class ChunkGraphs:
     def __init__(self, generator: torch.nn.Module):
         self.generator = generator
         self.graphs: dict[tuple, _Captured] = {}
+        self.fill: tuple | None = None  # (key, graph, static text input): the cross-attention cache fill
         self.pool = None  # one memory pool for all graphs: they never run at the same time
 
     @property
@@ -46,6 +47,7 @@ class ChunkGraphs:
     def clear(self) -> None:
         """Drop every graph (and, once unreferenced, its memory)."""
         self.graphs.clear()
+        self.fill = None
         self.pool = None
 
     @torch.no_grad()
@@ -56,7 +58,7 @@ class ChunkGraphs:
         if kv_cache is None or crossattn_cache is None:
             raise ValueError("CUDA graphs replay chunk calls: pass the kv_cache and crossattn_cache the rollout keeps")
         if not crossattn_cache.filled:  # the text K/V once per prompt batch, so that every call is a "reuse" call
-            self.generator.fill_crossattn_cache(context, crossattn_cache)
+            self._fill(context, crossattn_cache)
         key = (frame_offset, tuple(x.shape), x.dtype, tuple(timestep.shape), id(kv_cache), kv_cache.k.data_ptr(),
                id(crossattn_cache), crossattn_cache.context.data_ptr(), crossattn_cache.kv[0][0].data_ptr())
         captured = self.graphs.get(key)
@@ -70,6 +72,34 @@ class ChunkGraphs:
             captured.timestep.copy_(timestep)
         captured.graph.replay()
         return captured.out.clone()
+
+    def _fill(self, context: torch.Tensor, cache: CrossAttnCache) -> None:
+        """Fill the cross-attention cache: eagerly while its buffers do not exist yet (the first prompt
+        batch allocates them), then through a graph that writes into them (about 300 small kernels,
+        which the host takes ~4 ms to launch one by one, before the first chunk can start)."""
+        if cache.context is None or cache.context.shape[0] != context.shape[0] or cache.kv[0] is None:
+            self.generator.fill_crossattn_cache(context, cache)
+            return
+        key = (tuple(context.shape), context.dtype, id(cache), cache.context.data_ptr(), cache.kv[0][0].data_ptr())
+        if self.fill is None or self.fill[0] != key:
+            static = context.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up, as capture requires
+                self.generator.fill_crossattn_cache(static, cache)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.generator.fill_crossattn_cache(static, cache)  # copies into the cache's own tensors
+            if (cache.context.data_ptr(), cache.kv[0][0].data_ptr()) != key[3:]:
+                raise RuntimeError("the cross-attention cache moved while its fill was captured")
+            self.fill = (key, graph, static)
+        _, graph, static = self.fill
+        static.copy_(context)
+        graph.replay()
+        cache.filled = True
 
     def _capture(self, x, timestep, context, kv_cache, frame_offset, crossattn_cache) -> _Captured:
         static_x, static_t = x.clone(), timestep.clone()

@@ -289,17 +289,37 @@ class _FusedResidualBlock(WanResidualBlock):
             cache = None if feat_cache[idx] is None else _channels_last_view(feat_cache[idx])
             seen = [y] if cache is None else [cache, y]
             time_pad = conv._padding[4] - sum(t.shape[1] for t in seen[:-1])
-            zeros = [y.new_zeros((y.shape[0], time_pad, *y.shape[2:]))] if time_pad > 0 else []
-            frames = torch.cat([*zeros, *seen], dim=1)
+            weight = conv.weight
+            if time_pad > 0 and y.shape[1] == 1:
+                # One output frame whose first time_pad taps read zero frames (the clip's first latent
+                # frame, or its second before time upsampling): those taps add exact zeros, so convolve
+                # the frames there are with the other taps (a third of the work at the first frame).
+                zeros, weight = [], _trimmed_weight(conv, time_pad)
+            else:
+                zeros = [y.new_zeros((y.shape[0], time_pad, *y.shape[2:]))] if time_pad > 0 else []
+            frames = torch.cat([*zeros, *seen], dim=1) if len(seen) + len(zeros) > 1 else y
             # the last two frames of [cache, y], as diffusers keeps them
             new_cache = y[:, -2:].clone() if y.shape[1] >= 2 else torch.cat([t[:, -1:] for t in seen[-2:]], dim=1)
             feat_cache[idx] = _channels_first_view(new_cache)  # the entry's usual [B, C, T, H, W], channels-last
             del y, cache, seen, new_cache
             h = _channels_last_view(torch.nn.functional.conv3d(
-                _channels_first_view(frames), conv.weight, None, conv.stride, (0, conv._padding[2], conv._padding[0])))
+                _channels_first_view(frames), weight, None, conv.stride, (0, conv._padding[2], conv._padding[0])))
             del frames
             bias = conv.bias
         return _channels_first_view(_compiled_bias_residual(h, bias, shortcut))
+
+
+def _trimmed_weight(conv: torch.nn.Conv3d, skip: int) -> torch.Tensor:
+    """conv's weight without its first `skip` time taps, in the weight's memory layout; cached on the
+    conv per (skip, weight version, layout), so it is re-made only when the weight changes."""
+    weight = conv.weight
+    key = (skip, weight.data_ptr(), weight._version, weight.is_contiguous(memory_format=torch.channels_last_3d))
+    cached = getattr(conv, "_trimmed", None)
+    if cached is None or cached[0] != key:
+        layout = torch.channels_last_3d if key[3] else torch.contiguous_format
+        cached = (key, weight.detach()[:, :, skip:].contiguous(memory_format=layout))
+        conv._trimmed = cached
+    return cached[1]
 
 
 class _NearestUpsample(WanUpsample):
