@@ -11,7 +11,6 @@ FlashAttention-2), `fa4` (flash-attn-4's CuTe kernels, `flash_attn.cute`, when i
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -21,6 +20,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model.wan.attention import fa4_attention, fa4_available  # noqa: E402
 
 HEADS, HEAD_DIM, TOKENS_PER_FRAME = 12, 128, 1560
 # (name, query tokens, key tokens, with backward)
@@ -46,14 +47,8 @@ def backends() -> dict:
         return run
 
     out = {"cudnn": sdpa(SDPBackend.CUDNN_ATTENTION), "flash": sdpa(SDPBackend.FLASH_ATTENTION)}
-    if importlib.util.find_spec("flash_attn") is not None and importlib.util.find_spec("flash_attn.cute") is not None:
-        from flash_attn.cute import flash_attn_func
-
-        def fa4(q, k, v):
-            out = flash_attn_func(q, k, v)
-            return out[0] if isinstance(out, tuple) else out  # (out, lse) in some versions
-
-        out["fa4"] = fa4
+    if fa4_available():  # the project's op (model/wan/attention.py), its backward included
+        out["fa4"] = lambda q, k, v: fa4_attention(q, k, v)[0]
     return out
 
 

@@ -55,3 +55,42 @@ def test_flex_block_causal_backward_matches_dense_mask():
     worst = max(((flex[n].cpu() - p.grad).abs().max() / p.grad.abs().max()).item() for n, p in cpu.named_parameters())
     print(f"flex (GPU) vs dense-mask SDPA (CPU) gradients: max rel err {worst:.2e}")
     assert worst <= 1e-3
+
+
+def test_fa4_gradients_match_cudnn_and_save_attention_keeps_its_output(monkeypatch):
+    from model.wan.attention import fa4_supported
+
+    if fa4_supported(torch.device("cuda")):
+        pytest.skip(fa4_supported(torch.device("cuda")))
+    import flash_attn.cute
+
+    calls = [0]
+    real = flash_attn.cute.flash_attn_func
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(flash_attn.cute, "flash_attn_func", counted)
+    torch.manual_seed(0)
+    x = torch.randn(1, 6, 4, 30, 52, device="cuda", dtype=torch.bfloat16)  # 2,340 tokens: FA4 for self-attention
+    t = torch.rand(1, 6, device="cuda") * 1000
+    ctx = torch.randn(1, 7, SMALL["text_dim"], device="cuda", dtype=torch.bfloat16)
+    grads = {}
+    for backend, policy in (("cudnn", "save_attention"), ("fa4", "full"), ("fa4", "save_attention")):
+        model = model_on_gpu(torch.bfloat16).train()
+        model.set_attention_backend(backend)
+        model.enable_gradient_checkpointing()
+        model.checkpoint_policy = policy
+        calls[0] = 0
+        model(x, t, ctx).float().square().mean().backward()
+        grads[backend, policy] = ({n: p.grad.float() for n, p in model.named_parameters()}, calls[0])
+    reference = grads["cudnn", "save_attention"][0]
+    for key in (("fa4", "full"), ("fa4", "save_attention")):
+        # per parameter ||g - g_cudnn|| / ||g_cudnn||, the worst one: both kernels round in bf16
+        worst = max(((g - reference[n]).norm() / reference[n].norm()).item() for n, g in grads[key][0].items())
+        print(f"{key}: gradients vs cuDNN, worst relative norm error {worst:.2e}, FA4 forward calls {grads[key][1]}")
+        assert worst <= 2e-2
+    layers = SMALL["num_layers"]
+    assert grads["fa4", "full"][1] == 2 * layers  # recomputed in the backward
+    assert grads["fa4", "save_attention"][1] == layers  # kept by the checkpointing policy

@@ -144,6 +144,37 @@ def fa4_supported(device: torch.device) -> str | None:
     return None
 
 
+# FlashAttention-4 as one PyTorch op, so that selective activation checkpointing can keep its output
+# (model.checkpoint_policy=save_attention names it) and torch.compile / CUDA graphs see one call.
+@torch.library.custom_op("wan::fa4_attention", mutates_args=())
+def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, Lq, H, D], log-sum-exp [B, H, Lq] float32) of unmasked attention; q, k, v: [B, L, H, D]."""
+    from flash_attn.cute import flash_attn_func  # imported lazily: an optional dependency
+
+    out, lse = flash_attn_func(q, k, v, return_lse=True)
+    return out, lse
+
+
+@fa4_attention.register_fake
+def _(q, k, v):
+    return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+
+
+def _fa4_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _fa4_backward(ctx, grad_out, _grad_lse):
+    from flash_attn.cute.interface import _flash_attn_bwd  # the kernel flash-attn-4's own autograd calls
+
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _flash_attn_bwd(q, k, v, out, grad_out.contiguous(), lse)[:3]
+    return dq, dk, dv
+
+
+fa4_attention.register_autograd(_fa4_backward, setup_context=_fa4_setup_context)
+
+
 def check_backend(backend: str, device: torch.device | None = None) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r} is unknown; expected one of {BACKENDS} (or 'auto' in the config)")
@@ -172,10 +203,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
                 "select attention_backend=sdpa for this model"
             )
         if backend == "fa4" and k.shape[1] >= FA4_MIN_KEYS:
-            from flash_attn.cute import flash_attn_func  # imported lazily: an optional dependency
-
-            out = flash_attn_func(q, k, v)  # [B, L, H, D] in and out, as here
-            return out[0] if isinstance(out, tuple) else out  # some versions return (out, lse)
+            return fa4_attention(q, k, v)[0]
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):  # no fallback: an unsupported shape raises
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2)

@@ -342,6 +342,7 @@ class WanDiT(WanTransformer3DModel):
 # Selective checkpointing: attention is most of a block's FLOPs at video lengths but its output is only
 # [B, L, heads, head_dim] (+ log-sum-exp), so keep it and recompute the projections and elementwise ops.
 _ATTENTION_OPS = {
+    torch.ops.wan.fa4_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
