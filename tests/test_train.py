@@ -176,7 +176,7 @@ def test_bad_input_stops_with_clear_errors(tmp_path, monkeypatch):
         compose_config("max_steps=many")
     with pytest.raises(FileNotFoundError, match="no complete checkpoint|does not exist|expected"):
         run(tmp_path, "nowhere", f"resume={tmp_path / 'nowhere_at_all'}")
-    with pytest.raises(ValueError, match=r"model.attention_backend must be one of \('sdpa', 'cudnn', 'flash_attn', 'auto'\)"):
+    with pytest.raises(ValueError, match=r"model.attention_backend must be one of \('sdpa', 'cudnn', 'flash_attn', 'fa4', 'auto'\)"):
         validate(compose_config("model.attention_backend=cudnnn"))
     with pytest.raises(ValueError, match="sid_alpha is a knob of model.sid.SiD"):
         validate(compose_config("method.sid_alpha=2.0"))

@@ -49,7 +49,7 @@ class ModelSchema:
     critic_init: str = "teacher"  # teacher | generator | random | a weights file or folder: where the fake score starts
     latent_shape: list = field(default_factory=lambda: [16, 60, 104])  # (C, H, W) of a latent frame
     dtype: str = "float32"  # float32 | bfloat16 for the trained networks
-    attention_backend: str = "sdpa"  # sdpa | cudnn | flash_attn | auto (cudnn on CUDA in bf16 / fp16, else sdpa)
+    attention_backend: str = "sdpa"  # sdpa | cudnn | fa4 | flash_attn | auto (cudnn on CUDA in bf16 / fp16, else sdpa)
     gradient_checkpointing: bool = False  # activation checkpointing per transformer block
     checkpoint_policy: CheckpointPolicySchema = field(default_factory=lambda: CheckpointPolicySchema())
     fused_elementwise: Optional[bool] = False  # norms, modulation and RoPE through torch.compile (model/wan/fused.py); null: on CUDA
