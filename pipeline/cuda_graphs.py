@@ -8,6 +8,9 @@ so the call can be captured once and replayed: the timestep and the noisy chunk 
 graph's input tensors, and the flow prediction is copied out. The denoising steps and the context
 pass of a chunk share one graph (the timestep is an input).
 
+The cross-attention cache fill (the text K/V of every block, once per prompt batch, before the first
+chunk) is one more graph from the second prompt batch on, which writes into the cache's own tensors.
+
 Graphs are keyed by the chunk position, the shapes and the addresses of the caches, so they are
 reused across videos as long as the same `KVCache` and `CrossAttnCache` objects are reset and passed
 again (`CrossAttnCache` copies a new prompt batch into its old memory).
