@@ -61,7 +61,7 @@ class ChunkGraphs:
         if kv_cache is None or crossattn_cache is None:
             raise ValueError("CUDA graphs replay chunk calls: pass the kv_cache and crossattn_cache the rollout keeps")
         if not crossattn_cache.filled:  # the text K/V once per prompt batch, so that every call is a "reuse" call
-            self._fill(context, crossattn_cache)
+            self.fill_crossattn_cache(context, crossattn_cache)
         key = (frame_offset, tuple(x.shape), x.dtype, tuple(timestep.shape), id(kv_cache), kv_cache.k.data_ptr(),
                id(crossattn_cache), crossattn_cache.context.data_ptr(), crossattn_cache.kv[0][0].data_ptr())
         captured = self.graphs.get(key)
@@ -76,7 +76,7 @@ class ChunkGraphs:
         captured.graph.replay()
         return captured.out.clone()
 
-    def _fill(self, context: torch.Tensor, cache: CrossAttnCache) -> None:
+    def fill_crossattn_cache(self, context: torch.Tensor, cache: CrossAttnCache) -> None:
         """Fill the cross-attention cache: eagerly while its buffers do not exist yet (the first prompt
         batch allocates them), then through a graph that writes into them (about 300 small kernels,
         which the host takes ~4 ms to launch one by one, before the first chunk can start)."""

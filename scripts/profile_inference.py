@@ -74,7 +74,7 @@ def kernel_summary(fn, top: int = 15) -> dict:
 def chunk_pieces(student: Student, items, frames: int, repeats: int) -> dict:
     """Milliseconds of the first chunk's pieces and of the last chunk's calls (median of `repeats`)."""
     device = student.device
-    per = 3
+    per = student.cfg.num_frame_per_block
     last = frames - per
 
     def event():
@@ -90,7 +90,7 @@ def chunk_pieces(student: Student, items, frames: int, repeats: int) -> dict:
         marks.append(("text", event()))
         noise = torch.randn((len(items), frames, *student.latent_shape), device=device)
         kv, cross = student.caches(len(items), frames, student.pattern, noise.shape[-2:])
-        student.generator.fill_crossattn_cache(context, cross)
+        student.runner.fill_crossattn_cache(context, cross)  # a graph replay when the runner is ChunkGraphs
         marks.append(("cross-attention cache fill", event()))
         x = noise[:, :per]
         for i, t in enumerate(student.steps):
@@ -117,7 +117,7 @@ def chunk_pieces(student: Student, items, frames: int, repeats: int) -> dict:
             student.runner(x, timestep, context, kv_cache=kv, frame_offset=last, crossattn_cache=cross)
             marks.append((f"last chunk call {i}", event()))
         decoder.decode(noise[:, last:])
-        marks.append(("a later chunk's decode (12 frames)", event()))
+        marks.append(("a later chunk's decode", event()))
         torch.cuda.synchronize()
         for (_, a), (name, b) in zip(marks, marks[1:]):
             samples[name].append(a.elapsed_time(b))
