@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model.base import MethodConfig
-from model.wan.attention import CausalPattern, attention
+from model.wan.attention import CausalPattern, attention, fa4_supported
 from model.wan.kv_cache import CrossAttnCache, KVCache
 from model.wan.text_encoder import WanTextEncoder
 from model.wan.transformer import WanDiT
@@ -41,13 +41,16 @@ def test_levers_default_off_on_cpu_and_cuda_only_levers_refuse_it():
     auto = SpeedSchema(**dict.fromkeys(vars(SpeedSchema()), None))
     assert not any(resolve_levers(auto, CPU).values())
     on_cuda = resolve_levers(auto, torch.device("cuda"))
-    # one attention lever: FA4 where it runs (not here: no package, no GPU), else cuDNN
-    assert not on_cuda.pop("fa4_attention") and all(on_cuda.values())
+    # one attention lever: FA4 where it runs (package and GPU), else cuDNN
+    fa4_runs = fa4_supported(torch.device("cuda")) is None
+    assert on_cuda.pop("fa4_attention") == fa4_runs and on_cuda.pop("cudnn_attention") == (not fa4_runs)
+    assert all(on_cuda.values())
     # a kernel named by the model: the attention levers stay off when automatic, and true is a conflict
     for backend in ("flash_attn", "cudnn"):
         levers = resolve_levers(auto, torch.device("cuda"), backend)
         assert not levers["cudnn_attention"] and not levers["fa4_attention"]
-    assert resolve_levers(auto, torch.device("cuda"), "auto")["cudnn_attention"]  # "auto" leaves the kernel open
+    open_kernel = resolve_levers(auto, torch.device("cuda"), "auto")  # "auto" leaves the kernel to the levers
+    assert open_kernel["cudnn_attention"] or open_kernel["fa4_attention"]
     with pytest.raises(ValueError, match="model.attention_backend=flash_attn"):
         resolve_levers(SpeedSchema(cudnn_attention=True), torch.device("cuda"), "flash_attn")
     for lever in ("cudnn_attention", "fa4_attention", "cuda_graphs", "cudnn_benchmark", "decode_stream"):
