@@ -11,6 +11,7 @@ FlashAttention-2), `fa4` (flash-attn-4's CuTe kernels, `flash_attn.cute`, when i
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -21,20 +22,37 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from model.base import MethodConfig  # noqa: E402
 from model.wan.attention import fa4_attention, fa4_available  # noqa: E402
+from model.wan.text_encoder import WanTextEncoder  # noqa: E402
+from scripts.make_random_wan_folder import WAN_1_3B  # noqa: E402
+from utils.config import ModelSchema  # noqa: E402
 
-HEADS, HEAD_DIM, TOKENS_PER_FRAME = 12, 128, 1560
-# (name, query tokens, key tokens, with backward)
-SHAPES = [
-    ("inference chunk 0 (3 frames over 3)", 3 * TOKENS_PER_FRAME, 3 * TOKENS_PER_FRAME, False),
-    ("inference chunk 1 (3 frames over 6)", 3 * TOKENS_PER_FRAME, 6 * TOKENS_PER_FRAME, False),
-    ("inference chunk 2 (3 frames over 9)", 3 * TOKENS_PER_FRAME, 9 * TOKENS_PER_FRAME, False),
-    ("cross-attention (3 frames over 512 text tokens)", 3 * TOKENS_PER_FRAME, 512, False),
-    ("inference chunk 3 (3 frames over 12)", 3 * TOKENS_PER_FRAME, 12 * TOKENS_PER_FRAME, False),
-    ("inference chunk 6 (3 frames over 21)", 3 * TOKENS_PER_FRAME, 21 * TOKENS_PER_FRAME, False),
-    ("training chunk 6 with grad (3 over 21)", 3 * TOKENS_PER_FRAME, 21 * TOKENS_PER_FRAME, True),
-    ("training whole clip (21 over 21)", 21 * TOKENS_PER_FRAME, 21 * TOKENS_PER_FRAME, True),
-]
+def geometry() -> dict:
+    """Wan2.1-1.3B's sizes, from the DiT config, the model's latent shape, the method's chunking and the
+    text encoder's length (the configs the benchmarks run)."""
+    _, p_h, p_w = WAN_1_3B["patch_size"]
+    _, height, width = ModelSchema().latent_shape
+    method = MethodConfig()
+    heads, head_dim = WAN_1_3B["num_attention_heads"], WAN_1_3B["attention_head_dim"]
+    return {"heads": heads, "head_dim": head_dim, "dim": heads * head_dim, "ffn": WAN_1_3B["ffn_dim"],
+            "tokens_per_frame": (height // p_h) * (width // p_w), "chunk_frames": method.num_frame_per_block,
+            "clip_frames": method.num_training_frames,
+            "text_tokens": inspect.signature(WanTextEncoder).parameters["text_len"].default}
+
+
+def shapes(g: dict) -> list[tuple[str, int, int, bool]]:
+    """(name, query tokens, key tokens, with backward) of the attention calls worth timing."""
+    chunk, clip, tokens = g["chunk_frames"], g["clip_frames"], g["tokens_per_frame"]
+    out = [(f"inference chunk {i} ({chunk} frames over {(i + 1) * chunk})", chunk * tokens, (i + 1) * chunk * tokens, False)
+           for i in (0, 1, 2)]
+    out.append((f"cross-attention ({chunk} frames over {g['text_tokens']} text tokens)", chunk * tokens, g["text_tokens"], False))
+    last = clip // chunk - 1
+    out += [(f"inference chunk {i} ({chunk} frames over {(i + 1) * chunk})", chunk * tokens, (i + 1) * chunk * tokens, False)
+            for i in (last // 2, last)]
+    out.append((f"training chunk {last} with grad ({chunk} over {clip})", chunk * tokens, clip * tokens, True))
+    out.append((f"training whole clip ({clip} over {clip})", clip * tokens, clip * tokens, True))
+    return out
 
 
 def backends() -> dict:
@@ -65,9 +83,11 @@ def timed(fn, repeats: int) -> float:
     return start.elapsed_time(end) / 1e3 / repeats
 
 
-def graph_check(fn, device) -> float:
-    """Capture fn in a CUDA graph, replay it on new inputs, and compare with an eager call."""
-    q, k, v = (torch.randn(1, n, HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16) for n in (4680, 9360, 9360))
+def graph_check(fn, device, g: dict) -> float:
+    """Capture fn in a CUDA graph, replay it on new inputs (a second chunk's shapes), and compare with an eager call."""
+    tokens = g["chunk_frames"] * g["tokens_per_frame"]
+    q, k, v = (torch.randn(1, n, g["heads"], g["head_dim"], device=device, dtype=torch.bfloat16)
+               for n in (tokens, 2 * tokens, 2 * tokens))
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side), torch.no_grad():
@@ -94,14 +114,16 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     device = torch.device("cuda")
     kernels = backends()
+    g = geometry()
+    heads, head_dim = g["heads"], g["head_dim"]
     rows = []
-    for name, lq, lk, backward in SHAPES:
+    for name, lq, lk, backward in shapes(g):
         gen = torch.Generator(device).manual_seed(0)
-        q = torch.randn(1, lq, HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=gen)
-        k = torch.randn(1, lk, HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=gen)
-        v = torch.randn(1, lk, HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=gen)
-        grad = torch.randn(1, lq, HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=gen)
-        flops = 4 * lq * lk * HEADS * HEAD_DIM
+        q = torch.randn(1, lq, heads, head_dim, device=device, dtype=torch.bfloat16, generator=gen)
+        k = torch.randn(1, lk, heads, head_dim, device=device, dtype=torch.bfloat16, generator=gen)
+        v = torch.randn(1, lk, heads, head_dim, device=device, dtype=torch.bfloat16, generator=gen)
+        grad = torch.randn(1, lq, heads, head_dim, device=device, dtype=torch.bfloat16, generator=gen)
+        flops = 4 * lq * lk * heads * head_dim
         reference = None
         for backend, fn in kernels.items():
             row = {"shape": name, "backend": backend, "lq": lq, "lk": lk}
@@ -133,7 +155,7 @@ def main(argv=None) -> None:
             print(json.dumps(row), flush=True)
     result = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "rows": rows}
     if "fa4" in kernels:
-        result["fa4_cuda_graph_rel_err"] = graph_check(kernels["fa4"], device)
+        result["fa4_cuda_graph_rel_err"] = graph_check(kernels["fa4"], device, g)
         print("fa4 in a CUDA graph, replay vs eager:", result["fa4_cuda_graph_rel_err"])
     print("| shape | backend | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | out err | grad err |")
     print("|---|---|---|---|---|---|---|---|")

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.base import MethodConfig  # noqa: E402
 from pipeline.cuda_graphs import ChunkGraphs  # noqa: E402
 from pipeline.rollout import rollout  # noqa: E402
+from scripts.bench_attention import geometry  # noqa: E402
 from scripts.bench_inference import PROMPT, build, configurations, decode_chunks  # noqa: E402
 from utils.inference import Item, Student, generate  # noqa: E402
 from utils.speed import apply_levers  # noqa: E402
@@ -124,9 +125,10 @@ def chunk_pieces(student: Student, items, frames: int, repeats: int) -> dict:
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
-def floors(device, tokens: int = 4680, cached: int = 32760, dim: int = 1536, ffn: int = 8960, heads: int = 12,
-           repeats: int = 20) -> dict:
-    """TFLOP/s of the block's products and attention alone at one chunk's shapes (bf16)."""
+def floors(device, g: dict, repeats: int = 20) -> dict:
+    """TFLOP/s of the block's products and attention alone at one chunk's shapes (bf16); g: bench_attention.geometry()."""
+    tokens, cached = g["chunk_frames"] * g["tokens_per_frame"], g["clip_frames"] * g["tokens_per_frame"]
+    dim, ffn, heads = g["dim"], g["ffn"], g["heads"]
     out = {}
 
     def rate(fn, flops):
@@ -142,12 +144,12 @@ def floors(device, tokens: int = 4680, cached: int = 32760, dim: int = 1536, ffn
         return {"us": seconds * 1e6, "tflops": flops / seconds / 1e12}
 
     x = torch.randn(tokens, dim, device=device, dtype=torch.bfloat16)
-    for name, (n, k) in {"q/k/v/o 1536x1536": (dim, dim), "qkv fused 4608x1536": (3 * dim, dim),
-                         "ffn up 8960x1536": (ffn, dim), "ffn down 1536x8960": (dim, ffn)}.items():
+    for name, (n, k) in {"q/k/v/o": (dim, dim), "qkv fused": (3 * dim, dim), "ffn up": (ffn, dim),
+                         "ffn down": (dim, ffn)}.items():
         w = torch.randn(n, k, device=device, dtype=torch.bfloat16) / k**0.5
         b = torch.randn(n, device=device, dtype=torch.bfloat16)
         a = x if k == dim else torch.randn(tokens, k, device=device, dtype=torch.bfloat16)
-        out[f"linear {name}"] = rate(lambda: F.linear(a, w, b), 2 * tokens * n * k)
+        out[f"linear {name} {n}x{k}"] = rate(lambda: F.linear(a, w, b), 2 * tokens * n * k)
     w = torch.randn(ffn, dim, device=device, dtype=torch.bfloat16) / dim**0.5
     b = torch.randn(ffn, device=device, dtype=torch.bfloat16)
     out["ffn up + gelu(tanh), separate"] = rate(lambda: F.gelu(F.linear(x, w, b), approximate="tanh"), 2 * tokens * ffn * dim)
@@ -163,67 +165,6 @@ def floors(device, tokens: int = 4680, cached: int = 32760, dim: int = 1536, ffn
     return out
 
 
-def elementwise_options(device, frames: int = 3, tokens_per_frame: int = 1560, dim: int = 1536, heads: int = 12,
-                        ffn: int = 8960, repeats: int = 50) -> dict:
-    """Microseconds of each compiled element-wise stretch of the block (model/wan/fused.py) at a chunk's
-    shapes under inductor's default and tuned settings, the FFN's GELU fused or not, and their errors."""
-    from model.wan import fused
-
-    def micros(fn, *args):
-        for _ in range(3):
-            fn(*args)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeats):
-            fn(*args)
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) * 1e3 / repeats
-
-    bf16, f32 = dict(device=device, dtype=torch.bfloat16), dict(device=device, dtype=torch.float32)
-    length = frames * tokens_per_frame
-    x4 = torch.randn(1, frames, tokens_per_frame, dim, **bf16)
-    h4 = torch.randn_like(x4)
-    mod = lambda: torch.randn(1, frames, 1, dim, **f32) * 0.1  # noqa: E731
-    q, k = torch.randn(1, length, dim, **bf16), torch.randn(1, length, dim, **bf16)
-    w = torch.rand(dim, **bf16) + 0.5
-    angles = torch.rand(length, 1, dim // heads // 2, **f32) * 6.28
-    cases = {
-        "norm_modulate": (fused.norm_modulate, (x4, mod(), mod(), 1e-6)),
-        "qk_norm_rope": (fused.qk_norm_rope, (q, k, w, w, 1e-6, heads, angles.cos(), angles.sin())),
-        "gated_add_norm": (fused.gated_add_norm, (x4, h4, mod(), w, w, 1e-6)),
-        "add_norm_modulate": (fused.add_norm_modulate, (x4, h4, mod(), mod(), 1e-6)),
-        "gated_add_out": (fused.gated_add_out, (x4.flatten(1, 2), h4, mod())),
-        "rms_norm": (fused.rms_norm, (q, w, 1e-6)),
-    }
-    settings = {"default": {}, "coordinate_descent": {"options": {"coordinate_descent_tuning": True}},
-                "max_autotune": {"mode": "max-autotune-no-cudagraphs"}}
-    out = {}
-    for name, (fn, args) in cases.items():
-        row, ref = {}, fn(*args)
-        for setting, kwargs in settings.items():
-            torch._dynamo.reset()
-            compiled = torch.compile(fn, dynamic=False, fullgraph=True, **kwargs)
-            got = compiled(*args)
-            err = max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-                      for a, b in zip(got if isinstance(got, tuple) else (got,), ref if isinstance(ref, tuple) else (ref,)))
-            row[setting] = {"us": micros(compiled, *args), "rel_err_vs_eager": err}
-        out[name] = row
-    # the feed-forward's first product and GELU(tanh): separate, or cuBLASLt's bias + GELU epilogue
-    a = torch.randn(length, dim, **bf16)
-    w1, b1 = torch.randn(ffn, dim, **bf16) / dim**0.5, torch.randn(ffn, **bf16)
-    ref = F.gelu(F.linear(a, w1, b1), approximate="tanh")
-    epi = torch._addmm_activation(b1, a, w1.t(), use_gelu=True)
-    out["ffn_gelu"] = {
-        "separate_us": micros(lambda: F.gelu(F.linear(a, w1, b1), approximate="tanh")),
-        "epilogue_us": micros(lambda: torch._addmm_activation(b1, a, w1.t(), use_gelu=True)),
-        "epilogue_vs_tanh_rel_err": ((epi.float() - ref.float()).abs().max() / ref.float().abs().max()).item(),
-        "epilogue_vs_erf_rel_err": ((epi.float() - F.gelu(F.linear(a, w1, b1)).float()).abs().max()
-                                    / ref.float().abs().max()).item(),
-    }
-    return out
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="default", help="one of bench_inference.py's configuration names")
@@ -233,17 +174,14 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tiny", action="store_true")
-    p.add_argument("--parts", default="pieces,kernels,floors,elementwise",
-                   help="comma list of: pieces, kernels, floors, elementwise")
+    p.add_argument("--parts", default="pieces,kernels,floors", help="comma list of: pieces, kernels, floors")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device("cuda")
     parts_wanted = set(args.parts.split(","))
     result = {"device": torch.cuda.get_device_name(device)}
     if "floors" in parts_wanted:
-        result["floors"] = floors(device)
-    if "elementwise" in parts_wanted:
-        result["elementwise"] = elementwise_options(device)
+        result["floors"] = floors(device, geometry())
     if parts_wanted & {"pieces", "kernels"}:
         result.update(generator_profile(args, device, parts_wanted))
     print(json.dumps(result, indent=1))
