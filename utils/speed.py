@@ -48,17 +48,18 @@ def resolve_levers(speed, device: torch.device, attention_backend: str = "sdpa")
 
     values = {name: speed.get(name) if isinstance(speed, dict) else getattr(speed, name) for name in LEVERS}
     kernel_named = attention_backend not in ("sdpa", "auto")
+    fa4_missing = fa4_supported(device)  # why FA4 cannot run here, or None
     levers = {}
     for name, value in values.items():
         if value is None:
             value = device.type == "cuda" and not (name in ("cudnn_attention", "fa4_attention") and kernel_named)
-            if name == "fa4_attention" and value and fa4_supported(device):
-                log.info("speed.fa4_attention=null: off, %s", fa4_supported(device))
+            if name == "fa4_attention" and value and fa4_missing:
+                log.info("speed.fa4_attention=null: off, %s", fa4_missing)
                 value = False
         elif value and name in CUDA_ONLY and device.type != "cuda":
             raise ValueError(f"speed.{name}=true needs a CUDA device, but inference runs on {device}; set it to false or null")
-        elif value and name == "fa4_attention" and fa4_supported(device):
-            raise ValueError(f"speed.fa4_attention=true, but {fa4_supported(device)}; set it to false or null")
+        elif value and name == "fa4_attention" and fa4_missing:
+            raise ValueError(f"speed.fa4_attention=true, but {fa4_missing}; set it to false or null")
         levers[name] = bool(value)
     for name in ("cudnn_attention", "fa4_attention"):
         if levers[name] and kernel_named:

@@ -132,10 +132,13 @@ def fa4_available() -> bool:
     return _has_module("flash_attn.cute")
 
 
+_FA4_MISSING = "the flash-attn-4 package is not installed (pip install flash-attn-4)"
+
+
 def fa4_supported(device: torch.device) -> str | None:
     """None if FlashAttention-4 can run on `device`, else why not."""
     if not fa4_available():
-        return "the flash-attn-4 package is not installed (pip install flash-attn-4)"
+        return _FA4_MISSING
     if device.type != "cuda" or not torch.cuda.is_available():
         return f"FlashAttention-4 runs on CUDA GPUs, not on {device}"
     major = torch.cuda.get_device_capability(device)[0]
@@ -184,8 +187,7 @@ def check_backend(backend: str, device: torch.device | None = None) -> None:
             "install flash-attn (a wheel matching your torch and CUDA) or select 'sdpa'"
         )
     if backend == "fa4":
-        why = "the flash-attn-4 package is not installed (pip install flash-attn-4)" if not fa4_available() else (
-            fa4_supported(device) if device is not None else None)
+        why = fa4_supported(device) if device is not None else (None if fa4_available() else _FA4_MISSING)
         if why:
             raise ValueError(f"attention backend 'fa4' was selected but {why}; select 'cudnn' or 'sdpa'")
 
