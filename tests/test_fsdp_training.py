@@ -166,3 +166,77 @@ def test_one_process_checkpoint_resumes_on_two_ranks(runs):
     meta = json.loads((runs / "single" / "checkpoints" / "step_000002" / "meta.json").read_text())
     assert meta["world_size"] == 1
     assert_close_losses(losses(runs / "resumed2"), losses(runs / "single"), [3, 4])
+
+
+def _checkpoint_losses(model, rank: int):
+    """A 2-chunk rollout's shape of calls on a tiny WanDiT: a grad call per chunk, a no-grad context
+    pass between them (it writes the cache the second grad call attends to), through the KV cache."""
+    from model.wan.attention import CausalPattern
+    from model.wan.kv_cache import KVCache
+
+    g = torch.Generator().manual_seed(10 + rank)  # each rank its own sample
+    x, ctx = torch.randn(1, 4, 4, 4, 4, generator=g), torch.randn(1, 5, 16, generator=g)
+    t = torch.rand(1, 4, generator=g) * 1000
+    cache = KVCache.for_model(model, CausalPattern(2), batch_size=1, latent_hw=(4, 4), max_frames=4)
+    loss = 0.0
+    for start in (0, 2):
+        chunk = slice(start, start + 2)
+        loss = loss + model(x[:, chunk], t[:, chunk], ctx, kv_cache=cache, frame_offset=start).square().mean()
+        with torch.no_grad():  # the context pass
+            model(x[:, chunk], torch.zeros_like(t[:, chunk]), ctx, kv_cache=cache, frame_offset=start)
+    return loss + model(x, t, ctx).mean()  # and a bidirectional call
+
+
+def _checkpoint_worker(rank, world, port, out):
+    from model.wan.transformer import WanDiT, WanDiTBlock
+    from tests.wan_tiny import TINY, randomize
+    from utils.fsdp import shard_network
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo")
+    grad_modes, inner = [], WanDiTBlock._forward
+
+    def recording(self, *args):
+        grad_modes.append(torch.is_grad_enabled())
+        return inner(self, *args)
+
+    WanDiTBlock._forward = recording
+    result = {}
+    for gathered in (False, True):
+        model = randomize(WanDiT(**TINY), 0)
+        model.enable_gradient_checkpointing()
+        model.checkpoint_policy = "full"
+        mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (world,))
+        shard_network(model, mesh, param_dtype=None, reshard_after_forward=not gathered, cpu_offload=False)
+        grad_modes.clear()
+        loss = _checkpoint_losses(model, rank)
+        forward_modes = list(grad_modes)
+        loss.backward()
+        result[gathered] = {
+            "grads": {n: p.grad.full_tensor() for n, p in model.named_parameters()},
+            "forward_modes": forward_modes, "backward_modes": grad_modes[len(forward_modes):],
+        }
+    if rank == 0:
+        torch.save(result, out)
+    torch.distributed.destroy_process_group()
+
+
+def test_full_checkpointing_inside_fsdp_units_gives_the_gradients_of_no_checkpointing(tmp_path):
+    """Full checkpointing runs each block's forward without grad and recomputes it in the backward,
+    inside the block's FSDP unit: on 2 gloo ranks, resharded after forward or kept gathered, the
+    gradients equal an unsharded, uncheckpointed model's averaged over the two ranks' samples."""
+    from model.wan.transformer import WanDiT
+    from tests.wan_tiny import TINY, randomize
+
+    spawn_ranks(_checkpoint_worker, 2, str(tmp_path / "grads.pt"))
+    result = torch.load(tmp_path / "grads.pt")
+    reference = randomize(WanDiT(**TINY), 0)
+    sum(_checkpoint_losses(reference, rank) for rank in (0, 1)).backward()
+    layers = TINY["num_layers"]
+    for gathered, r in result.items():
+        # per block: 2 grad calls run without grad (the checkpoint's forward), 2 context passes, 1 bidirectional call
+        assert r["forward_modes"] == [False] * layers * 5, (gathered, r["forward_modes"])
+        assert r["backward_modes"] == [True] * layers * 3, (gathered, r["backward_modes"])  # the recomputes
+        for n, p in reference.named_parameters():
+            torch.testing.assert_close(r["grads"][n], p.grad / 2, rtol=1e-5, atol=1e-7, msg=f"{n} (gathered={gathered})")

@@ -132,7 +132,11 @@ def build_method(cfg: DictConfig, device: torch.device) -> SelfForcingModel:
 def build_optimizer(params, cfg: DictConfig, max_updates: int):
     """AdamW with optional linear warm-up and cosine decay (LambdaLR over this optimizer's updates)."""
     params = [p for p in params if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps)
+    fused = cfg.get("fused")
+    if fused is None:  # the fused kernel on CUDA; on the CPU foreach, as before (the toy run's numbers)
+        fused = all(p.device.type == "cuda" for p in params)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps,
+                                  fused=bool(fused) or None)
 
     def factor(update: int) -> float:
         if cfg.warmup_steps > 0 and update < cfg.warmup_steps:

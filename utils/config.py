@@ -73,6 +73,7 @@ class OptimSchema:
     grad_clip: float = 10.0  # max gradient norm (<= 0: no clipping)
     warmup_steps: int = 0  # linear warm-up of the learning rate, in updates of this optimizer
     schedule: str = "constant"  # constant | cosine (to 0 at max_steps)
+    fused: Optional[bool] = None  # AdamW's fused kernel (one launch for all parameters); null: on CUDA, else foreach
 
 
 @dataclass

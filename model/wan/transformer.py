@@ -57,7 +57,21 @@ class WanDiTBlock(WanTransformerBlock):
         layer: int,
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
         write: bool = True,
+        recompute: bool = False,
     ) -> torch.Tensor:
+        """recompute: run without grad now and again with grad in the backward (full checkpointing
+        inside the block, so inside its FSDP unit; WanDiT._checkpointed explains why)."""
+        if recompute:
+            first = [True]
+
+            def run(x, e, context):  # the cache is written by the forward, not by the recompute
+                again, first[0] = not first[0], False
+                return self._forward(x, e, context, rope, spec, layer, past, write and not again)
+
+            return torch.utils.checkpoint.checkpoint(run, x, e, context, use_reentrant=True, preserve_rng_state=False)
+        return self._forward(x, e, context, rope, spec, layer, past, write)
+
+    def _forward(self, x, e, context, rope, spec: AttnSpec, layer: int, past, write: bool) -> torch.Tensor:
         # x: [B, F*T, D] tokens, frame-major; e: [B, F, 6, D] per-frame modulation
         batch, length, dim = x.shape
         frames = e.shape[1]
@@ -329,6 +343,13 @@ class WanDiT(WanTransformer3DModel):
         sees the same keys even if later chunks have since overwritten those slots.
         """
         past = spec.cache.past(layer, spec.plan) if spec.cache is not None else None
+        if self.checkpoint_policy == "full" and any(t is not None and t.requires_grad for t in (tokens, e, text)):
+            # Full checkpointing as the block's own reentrant checkpoint: its forward runs without grad
+            # (no autograd graph, no saved-tensor hooks; the rollout's many chunk calls are bound by
+            # that host time), the recompute runs with grad in the backward. Inside the block, so
+            # FSDP's unit hooks stay outside it and see one ordinary forward and backward. Reentrant
+            # checkpointing loses parameter gradients when no input needs grad: then the branch below.
+            return block(tokens, e, text, rope, spec, layer, past=past, recompute=True)
         first = [True]
 
         def run(tokens, e, text, past):
