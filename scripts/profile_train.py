@@ -123,7 +123,38 @@ def analyse(trace_path: str, top: int) -> dict:
         "phases_ms": {n: {"host": ms(host.get(n, 0.0)), "gpu": ms(gpu.get(n, 0.0)), "gpu_idle": ms(idle_by_phase.get(n, 0.0))}
                       for n in names},
         "gpu_kinds_ms": {k: ms(v) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+        "host_in_rollout_calls_ms": host_breakdown(events, [e for e in labelled if e["name"].startswith("rollout")], top),
     }
+
+
+def host_breakdown(events: list, windows: list, top: int) -> dict:
+    """Host time inside `windows` (the rollout's generator calls) by outermost operator or range on the
+    windows' thread (inclusive), and the rest: Python between operators (model code, hooks, wrappers)."""
+    if not windows:
+        return {}
+    tid = windows[0]["tid"]
+    spans = sorted(((w["ts"], w["ts"] + w["dur"]) for w in windows))
+    merged = []
+    for a, b in spans:  # nested windows (a grad call inside a checkpointed one) count once
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    ops = sorted((e for e in events if e.get("ph") == "X" and e.get("tid") == tid and e.get("cat") in ("cpu_op", "user_annotation")
+                  and not e["name"].startswith("rollout")), key=lambda e: (e["ts"], -e["dur"]))
+    by_name, covered, total = defaultdict(float), 0.0, sum(b - a for a, b in merged)
+    for a, b in merged:
+        edge = a
+        for e in ops:
+            if e["ts"] < a or e["ts"] >= b or e["ts"] < edge:
+                continue  # outside the window, or nested in the last outermost op
+            d = min(e["ts"] + e["dur"], b) - e["ts"]
+            by_name[re.sub(r" \(.*\)$", "", e["name"])] += d
+            covered += d
+            edge = e["ts"] + e["dur"]
+    ranked = dict(sorted(by_name.items(), key=lambda kv: -kv[1])[:top])
+    return {"total": round(total / 1e3, 1), "python between operators": round((total - covered) / 1e3, 1),
+            **{k: round(v / 1e3, 1) for k, v in ranked.items()}}
 
 
 def host_ops(prof, top: int) -> dict:

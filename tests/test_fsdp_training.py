@@ -240,3 +240,22 @@ def test_full_checkpointing_inside_fsdp_units_gives_the_gradients_of_no_checkpoi
         assert r["backward_modes"] == [True] * layers * 3, (gathered, r["backward_modes"])  # the recomputes
         for n, p in reference.named_parameters():
             torch.testing.assert_close(r["grads"][n], p.grad / 2, rtol=1e-5, atol=1e-7, msg=f"{n} (gathered={gathered})")
+
+
+def test_a_cache_reset_before_the_backward_of_a_checkpointed_chunk_call_is_an_error():
+    """The checkpointed chunk call keeps views of the cache for its recompute: a reset() in between
+    (a new rollout on the same cache) would feed it other keys, so the backward refuses."""
+    from model.wan.attention import CausalPattern
+    from model.wan.kv_cache import KVCache
+    from model.wan.transformer import WanDiT
+    from tests.wan_tiny import TINY, randomize
+
+    model = randomize(WanDiT(**TINY), 0)
+    model.enable_gradient_checkpointing()
+    g = torch.Generator().manual_seed(3)
+    x, ctx, t = torch.randn(1, 2, 4, 4, 4, generator=g), torch.randn(1, 5, 16, generator=g), torch.full((1, 2), 500.0)
+    cache = KVCache.for_model(model, CausalPattern(2), batch_size=1, latent_hw=(4, 4), max_frames=4)
+    loss = model(x, t, ctx, kv_cache=cache).square().mean()
+    cache.reset()
+    with pytest.raises(RuntimeError, match="KV cache was reset between a checkpointed chunk call and its backward"):
+        loss.backward()

@@ -60,6 +60,7 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.end_frame = 0  # frames [0, end_frame) have been written (some may have been evicted)
+        self.generation = 0  # counts reset()s: views into the cache taken before one are stale after it
 
     @classmethod
     def for_model(
@@ -105,6 +106,7 @@ class KVCache:
     def reset(self) -> None:
         """Forget all frames (the memory is reused; stale slots are never read)."""
         self.end_frame = 0
+        self.generation += 1
 
     def _slot(self, frame: int) -> int:
         sink = self.pattern.sink_size
@@ -174,9 +176,14 @@ class KVCache:
         past_k, past_v = past if past is not None else self.past(layer, plan)
         return torch.cat((past_k, k), dim=1), torch.cat((past_v, v), dim=1)
 
-    def past(self, layer: int, plan: ChunkPlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cached keys/values of the frames other than the chunk's own, as new tensors."""
+    def past(self, layer: int, plan: ChunkPlan, view: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached keys/values of the frames other than the chunk's own, as new tensors; view=True:
+        as views of the cache where they are one run of slots that later chunks never rewrite (no
+        local window: a slot per frame, chunks in order), else copies. Views hold only until reset()."""
         ck, cv = self.k[layer], self.v[layer]
+        if view and not self.pattern.windowed and len(plan.others) <= 1:
+            a, b = plan.others[0] if plan.others else (0, 0)
+            return ck[:, a:b], cv[:, a:b]
         ranges = plan.others or ((0, 0),)
         return torch.cat([ck[:, a:b] for a, b in ranges], 1), torch.cat([cv[:, a:b] for a, b in ranges], 1)
 

@@ -62,10 +62,15 @@ class WanDiTBlock(WanTransformerBlock):
         """recompute: run without grad now and again with grad in the backward (full checkpointing
         inside the block, so inside its FSDP unit; WanDiT._checkpointed explains why)."""
         if recompute:
-            first = [True]
+            first, generation = [True], spec.cache.generation if spec.cache is not None else None
 
             def run(x, e, context):  # the cache is written by the forward, not by the recompute
                 again, first[0] = not first[0], False
+                if again and spec.cache is not None and spec.cache.generation != generation:
+                    raise RuntimeError(
+                        "the KV cache was reset between a checkpointed chunk call and its backward, so the "
+                        "recompute would read other keys: call backward() before reusing the cache"
+                    )
                 return self._forward(x, e, context, rope, spec, layer, past, write and not again)
 
             return torch.utils.checkpoint.checkpoint(run, x, e, context, use_reentrant=True, preserve_rng_state=False)
@@ -339,17 +344,21 @@ class WanDiT(WanTransformer3DModel):
     def _checkpointed(self, block, tokens, e, text, rope, spec: AttnSpec, layer):
         """Checkpoint one block; cache writes happen in the forward pass only, not in the recompute.
 
-        With a KV cache, the cached past is gathered before checkpointing so that the recompute
-        sees the same keys even if later chunks have since overwritten those slots.
+        With a KV cache, the cached past is taken before checkpointing (copied where later chunks
+        may overwrite those slots) so that the recompute sees the keys the forward saw.
         """
-        past = spec.cache.past(layer, spec.plan) if spec.cache is not None else None
         if self.checkpoint_policy == "full" and any(t is not None and t.requires_grad for t in (tokens, e, text)):
             # Full checkpointing as the block's own reentrant checkpoint: its forward runs without grad
             # (no autograd graph, no saved-tensor hooks; the rollout's many chunk calls are bound by
             # that host time), the recompute runs with grad in the backward. Inside the block, so
             # FSDP's unit hooks stay outside it and see one ordinary forward and backward. Reentrant
             # checkpointing loses parameter gradients when no input needs grad: then the branch below.
+            # Autograd never sees `past` here, so it can be a view of the cache where later chunks
+            # leave it alone (no local window), not a copy held until the backward (at Wan-1.3B size,
+            # 21 frames: ~18 GB of copies over a rollout's 7 grad calls).
+            past = spec.cache.past(layer, spec.plan, view=True) if spec.cache is not None else None
             return block(tokens, e, text, rope, spec, layer, past=past, recompute=True)
+        past = spec.cache.past(layer, spec.plan) if spec.cache is not None else None
         first = [True]
 
         def run(tokens, e, text, past):
