@@ -110,6 +110,7 @@ def build_method(cfg: DictConfig, device: torch.device) -> SelfForcingModel:
     dtype = DTYPES[m.dtype]
     backend = resolve_backend(m.attention_backend, device, dtype)
     fused = device.type == "cuda" if m.fused_elementwise is None else m.fused_elementwise
+    compiled = device.type == "cuda" if m.get("compile_blocks") is None else m.compile_blocks
     for name, net in (("generator", generator), ("critic", fake_score)):
         # trained networks keep fp32 master weights (a 2e-6 AdamW step vanishes in bf16) and compute
         # in model.dtype under autocast, as mixed-precision training does
@@ -120,6 +121,7 @@ def build_method(cfg: DictConfig, device: torch.device) -> SelfForcingModel:
             net.enable_gradient_checkpointing()
             net.checkpoint_policy = m.checkpoint_policy[name]
         net.set_fused_elementwise(fused)
+        net.set_compiled_blocks(compiled)
     if isinstance(real_score, WanDiT):
         if real_score.dtype != dtype:
             real_score.to(dtype=dtype)

@@ -53,6 +53,7 @@ class ModelSchema:
     gradient_checkpointing: bool = False  # activation checkpointing per transformer block
     checkpoint_policy: CheckpointPolicySchema = field(default_factory=lambda: CheckpointPolicySchema())
     fused_elementwise: Optional[bool] = False  # norms, modulation and RoPE through torch.compile (model/wan/fused.py); null: on CUDA
+    compile_blocks: Optional[bool] = False  # the trained networks' chunk calls (the rollout) run each block as one compiled graph; null: on CUDA
 
 
 @dataclass

@@ -159,33 +159,44 @@ class KVCache:
         return ChunkPlan(tuple(writes), valid, tuple(others))
 
     def attend_kv(self, layer: int, plan: ChunkPlan, k, v, past=None, write: bool = True):
-        """Write a chunk's keys/values for `layer` and return the keys/values it attends to.
-
-        Without grad, the chunk is written in place and the cache slice is returned (no copy).
-        With grad, the cache gets a detached copy and the chunk's own tensors are concatenated to
-        the other cached frames (`past`, gathered here unless given), so the graph never holds a
-        cache buffer that later chunks overwrite. `write=False` is the recompute of a checkpoint.
-        """
-        ck, cv = self.k[layer], self.v[layer]
-        if write:
-            for slot, start, n in plan.writes:
-                ck[:, slot : slot + n] = k[:, start : start + n].detach()
-                cv[:, slot : slot + n] = v[:, start : start + n].detach()
-        if write and past is None and not (k.requires_grad or v.requires_grad):
-            return ck[:, : plan.valid], cv[:, : plan.valid]
-        past_k, past_v = past if past is not None else self.past(layer, plan)
-        return torch.cat((past_k, k), dim=1), torch.cat((past_v, v), dim=1)
+        """Write a chunk's keys/values for `layer` and return the keys/values it attends to
+        (attend_cached on this layer's buffers)."""
+        return attend_cached(self.k[layer], self.v[layer], plan, k, v, past, write)
 
     def past(self, layer: int, plan: ChunkPlan, view: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached keys/values of the frames other than the chunk's own, as new tensors; view=True:
         as views of the cache where they are one run of slots that later chunks never rewrite (no
         local window: a slot per frame, chunks in order), else copies. Views hold only until reset()."""
-        ck, cv = self.k[layer], self.v[layer]
-        if view and not self.pattern.windowed and len(plan.others) <= 1:
-            a, b = plan.others[0] if plan.others else (0, 0)
-            return ck[:, a:b], cv[:, a:b]
-        ranges = plan.others or ((0, 0),)
-        return torch.cat([ck[:, a:b] for a, b in ranges], 1), torch.cat([cv[:, a:b] for a, b in ranges], 1)
+        return cached_past(self.k[layer], self.v[layer], plan, view and not self.pattern.windowed)
+
+
+def attend_cached(ck: torch.Tensor, cv: torch.Tensor, plan: ChunkPlan, k, v, past=None, write: bool = True):
+    """One layer's cache buffers ck, cv [B, slots, H, D]: write the chunk's k, v and return what it attends to.
+
+    Without grad, the chunk is written in place and the cache slice is returned (no copy).
+    With grad, the cache gets a detached copy and the chunk's own tensors are concatenated to
+    the other cached frames (`past`, gathered here unless given), so the graph never holds a
+    cache buffer that later chunks overwrite. `write=False` is the recompute of a checkpoint.
+    A function of the buffers, not of a layer index, so that one compiled block serves every layer.
+    """
+    if write:
+        for slot, start, n in plan.writes:
+            ck[:, slot : slot + n] = k[:, start : start + n].detach()
+            cv[:, slot : slot + n] = v[:, start : start + n].detach()
+    if write and past is None and not (k.requires_grad or v.requires_grad):
+        return ck[:, : plan.valid], cv[:, : plan.valid]
+    past_k, past_v = past if past is not None else cached_past(ck, cv, plan)
+    return torch.cat((past_k, k), dim=1), torch.cat((past_v, v), dim=1)
+
+
+def cached_past(ck: torch.Tensor, cv: torch.Tensor, plan: ChunkPlan, view: bool = False):
+    """The other frames' keys/values in one layer's buffers: views if `view` and they are one run of
+    slots (the caller knows no later chunk rewrites them), else copies."""
+    if view and len(plan.others) <= 1:
+        a, b = plan.others[0] if plan.others else (0, 0)
+        return ck[:, a:b], cv[:, a:b]
+    ranges = plan.others or ((0, 0),)
+    return torch.cat([ck[:, a:b] for a, b in ranges], 1), torch.cat([cv[:, a:b] for a, b in ranges], 1)
 
 
 class CrossAttnCache:

@@ -24,7 +24,7 @@ from diffusers.models.transformers.transformer_wan import WanTransformer3DModel,
 
 from .attention import CausalPattern, attention, block_causal_attention, check_backend
 from .fused import block_ops, feed_forward
-from .kv_cache import ChunkPlan, CrossAttnCache, KVCache
+from .kv_cache import ChunkPlan, CrossAttnCache, KVCache, attend_cached
 from .weights import raise_on_mismatch
 
 ROPE_THETA = 10000.0  # diffusers' WanRotaryPosEmbed default, as in the original Wan
@@ -42,6 +42,8 @@ class AttnSpec:
     cross: CrossAttnCache | None = None
     cross_mode: str = "compute"  # "compute" | "store" (fill the cache) | "reuse"
     fused: bool = False  # element-wise stretches through torch.compile (model/wan/fused.py)
+    compiled: bool = False  # chunk calls run each block as one compiled graph (WanDiT.set_compiled_blocks)
+    ops: object = None  # block_ops(fused), resolved once per call (a compiled block cannot call block_ops)
 
 
 class WanDiTBlock(WanTransformerBlock):
@@ -61,6 +63,14 @@ class WanDiTBlock(WanTransformerBlock):
     ) -> torch.Tensor:
         """recompute: run without grad now and again with grad in the backward (full checkpointing
         inside the block, so inside its FSDP unit; WanDiT._checkpointed explains why)."""
+        # This layer's cache buffers and cached text K/V, looked up here so that the block's
+        # arithmetic (_forward) depends on tensors, not on the layer index: one compiled graph
+        # then serves all layers and chunk positions (set_compiled_blocks).
+        kv = (spec.cache.k[layer], spec.cache.v[layer]) if spec.cache is not None else None
+        cross = spec.cross.kv[layer] if spec.cross_mode == "reuse" else None
+        forward = WanDiTBlock._forward
+        if spec.compiled and spec.cache is not None and spec.cross_mode != "store":
+            forward = _compiled_block_forward()
         if recompute:
             first, generation = [True], spec.cache.generation if spec.cache is not None else None
 
@@ -71,13 +81,19 @@ class WanDiTBlock(WanTransformerBlock):
                         "the KV cache was reset between a checkpointed chunk call and its backward, so the "
                         "recompute would read other keys: call backward() before reusing the cache"
                     )
-                return self._forward(x, e, context, rope, spec, layer, past, write and not again)
+                # The forward writes the chunk and reads the cache slice; `past` (views of the same
+                # buffers, or copies) is for the recompute: a compiled graph must not get an input
+                # that aliases another input it writes to.
+                if not again and write and spec.cache is not None and not spec.cache.pattern.windowed:
+                    return forward(self, x, e, context, rope, spec, kv, cross, None, True, layer)
+                return forward(self, x, e, context, rope, spec, kv, cross, past, write and not again, layer)
 
             return torch.utils.checkpoint.checkpoint(run, x, e, context, use_reentrant=True, preserve_rng_state=False)
-        return self._forward(x, e, context, rope, spec, layer, past, write)
+        return forward(self, x, e, context, rope, spec, kv, cross, past, write, layer)
 
-    def _forward(self, x, e, context, rope, spec: AttnSpec, layer: int, past, write: bool) -> torch.Tensor:
-        # x: [B, F*T, D] tokens, frame-major; e: [B, F, 6, D] per-frame modulation
+    def _forward(self, x, e, context, rope, spec: AttnSpec, kv, cross, past, write: bool, layer: int) -> torch.Tensor:
+        # x: [B, F*T, D] tokens, frame-major; e: [B, F, 6, D] per-frame modulation; kv: this layer's
+        # self-attention cache buffers; cross: its cached text K/V ("reuse"); layer: only to store those
         batch, length, dim = x.shape
         frames = e.shape[1]
         shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table.unsqueeze(0) + e.float()).chunk(6, dim=2)
@@ -86,26 +102,26 @@ class WanDiTBlock(WanTransformerBlock):
             return h.view(batch, frames, length // frames, dim)
 
         # 1. Self-attention (bidirectional, block-causal, or over the KV cache)
-        ops = block_ops(spec.fused)
+        ops = spec.ops or block_ops(spec.fused)
         h = ops.norm_modulate(per_frame(x), scale, shift, self.norm1.eps).view(batch, length, dim)
-        h = self._self_attention(h, rope, spec, layer, past, write, ops)
+        h = self._self_attention(h, rope, spec, kv, past, write, ops)
 
         # 2. Cross-attention to the text (K/V possibly cached per prompt)
         x, h = ops.gated_add_norm(per_frame(x), per_frame(h), gate, self.norm2.weight, self.norm2.bias, self.norm2.eps)
-        h = self._cross_attention(h.view(batch, length, dim), context, spec, layer, write, ops)
+        h = self._cross_attention(h.view(batch, length, dim), context, spec, cross, layer, write, ops)
 
         # 3. Feed-forward
         x, h = ops.add_norm_modulate(x, per_frame(h), c_scale, c_shift, self.norm3.eps)
         h = feed_forward(self.ffn, h, spec.fused)
         return ops.gated_add_out(x.view(batch, length, dim), h, c_gate)
 
-    def _self_attention(self, h, rope, spec: AttnSpec, layer, past, write, ops):
+    def _self_attention(self, h, rope, spec: AttnSpec, kv, past, write, ops):
         attn = self.attn1
         q, k = ops.qk_norm_rope(attn.to_q(h), attn.to_k(h), attn.norm_q.weight, attn.norm_k.weight, attn.norm_q.eps,
                                 attn.heads, *rope)
         v = attn.to_v(h).unflatten(2, (attn.heads, -1))
         if spec.cache is not None:
-            k, v = spec.cache.attend_kv(layer, spec.plan, k, v, past=past, write=write)
+            k, v = attend_cached(*kv, spec.plan, k, v, past=past, write=write)
             out = attention(q, k, v, spec.backend)
         elif spec.pattern is not None:
             out = block_causal_attention(q, k, v, spec.pattern, spec.num_frames)
@@ -113,11 +129,11 @@ class WanDiTBlock(WanTransformerBlock):
             out = attention(q, k, v, spec.backend)
         return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).type_as(q)))
 
-    def _cross_attention(self, h, context, spec: AttnSpec, layer, write, ops):
+    def _cross_attention(self, h, context, spec: AttnSpec, cross, layer, write, ops):
         attn = self.attn2
         q = ops.rms_norm(attn.to_q(h), attn.norm_q.weight, attn.norm_q.eps).unflatten(2, (attn.heads, -1))
         if spec.cross_mode == "reuse":
-            k, v = spec.cross.kv[layer]
+            k, v = cross
         else:
             k, v = self.cross_kv(context)
             if spec.cross_mode == "store" and write:
@@ -157,6 +173,7 @@ class WanDiT(WanTransformer3DModel):
             block.__class__ = WanDiTBlock  # same parameters, our forward
         self.attention_backend = "sdpa"
         self.fused_elementwise = False  # set_fused_elementwise: compiled norms / modulation / RoPE
+        self.compiled_blocks = False  # set_compiled_blocks: chunk calls through one compiled graph per block
         self.autocast_dtype: torch.dtype | None = None  # set for mixed-precision training
         # the dtype a wrapper gathers the parameters in for compute (FSDP's MixedPrecisionPolicy); None: their own
         self.wrapped_param_dtype: torch.dtype | None = None
@@ -187,6 +204,16 @@ class WanDiT(WanTransformer3DModel):
         """Run the blocks' norms, modulation, RoPE and gated residuals as torch.compile'd kernels
         (model/wan/fused.py); the eager ops are diffusers' and give its numbers exactly."""
         self.fused_elementwise = bool(fused)
+
+    def set_compiled_blocks(self, compiled: bool) -> None:
+        """Run each block of a chunk call (KV cache) as one torch.compile'd graph: the rollout's many
+        short calls are bound by the host's per-operator work (README: Scaling out). One graph serves
+        every layer and, once the cache length has varied, every chunk position (dynamic shapes);
+        the backward of a grad call is compiled too. For training: CUDA-graph capture (inference's
+        cuda_graphs lever) must not meet a first call's compilation."""
+        if compiled:
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        self.compiled_blocks = bool(compiled)
 
     @torch.no_grad()
     def fill_crossattn_cache(self, context: torch.Tensor, cache: CrossAttnCache) -> None:
@@ -325,7 +352,7 @@ class WanDiT(WanTransformer3DModel):
         if kv_cache is not None:
             plan = kv_cache.plan(frame_offset, frames, batch, h * w)
         spec = AttnSpec(self.attention_backend, frames, causal, kv_cache, plan, crossattn_cache, cross_mode,
-                        self.fused_elementwise)
+                        self.fused_elementwise, self.compiled_blocks, block_ops(self.fused_elementwise))
 
         # 4. Transformer blocks (optionally with activation checkpointing)
         for layer, block in enumerate(self.blocks):
@@ -367,6 +394,14 @@ class WanDiT(WanTransformer3DModel):
 
         context_fn = _save_attention_context if self.checkpoint_policy == "save_attention" else noop_context_fn
         return torch.utils.checkpoint.checkpoint(run, tokens, e, text, past, use_reentrant=False, context_fn=context_fn)
+
+
+@functools.cache
+def _compiled_block_forward():
+    """WanDiTBlock._forward through torch.compile (built on first use). The block is an argument, so
+    its parameters are graph inputs and the 30 blocks share the graph; the plan's slot numbers and
+    the cache length become symbolic after the first chunk position that differs."""
+    return torch.compile(WanDiTBlock._forward, fullgraph=True)
 
 
 # Selective checkpointing: attention is most of a block's FLOPs at video lengths but its output is only
