@@ -351,8 +351,12 @@ class WanDiT(WanTransformer3DModel):
         plan = None
         if kv_cache is not None:
             plan = kv_cache.plan(frame_offset, frames, batch, h * w)
+        # A compiled block is one op to selective checkpointing, which then could keep nothing of it:
+        # save_attention's grad calls stay eager.
+        compiled = self.compiled_blocks and not (torch.is_grad_enabled() and self.gradient_checkpointing
+                                                 and self.checkpoint_policy == "save_attention")
         spec = AttnSpec(self.attention_backend, frames, causal, kv_cache, plan, crossattn_cache, cross_mode,
-                        self.fused_elementwise, self.compiled_blocks, block_ops(self.fused_elementwise))
+                        self.fused_elementwise, compiled, block_ops(self.fused_elementwise))
 
         # 4. Transformer blocks (optionally with activation checkpointing)
         for layer, block in enumerate(self.blocks):
