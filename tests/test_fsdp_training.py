@@ -219,6 +219,7 @@ def _checkpoint_worker(rank, world, port, out):
         }
     if rank == 0:
         torch.save(result, out)
+    torch.distributed.barrier()  # tear gloo down together: a rank leaving early can abort the other's threads
     torch.distributed.destroy_process_group()
 
 
