@@ -48,6 +48,7 @@ def worker(rank, world, port, runs):
         cfg = compose_config(*overrides)
         validate(cfg)
         train.train(cfg, Path(run_dir))
+    torch.distributed.barrier()  # tear gloo down together (see _checkpoint_worker)
     torch.distributed.destroy_process_group()
 
 

@@ -179,6 +179,7 @@ def rank_worker(rank: int, world: int, port: int, out: Path, overrides: list[str
     torch.set_num_threads(1)
     index = infer(out if rank == 0 else out / f"ignored_{rank}", *overrides)  # rank 0's directory wins
     assert (index == {}) == (rank != 0)
+    torch.distributed.barrier()  # tear gloo down together: a rank leaving early can abort the other's gloo threads
     torch.distributed.destroy_process_group()
 
 

@@ -101,6 +101,7 @@ def worker(rank, world, port, out, device_type):
         "ema_step": fresh_ema.step,
     }
     torch.save(results, out / f"results_{rank}.pt")
+    D.barrier()  # tear gloo down together: a rank leaving early can abort the other's gloo threads (seen on CI)
     D.destroy()
 
 
