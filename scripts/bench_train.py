@@ -64,13 +64,18 @@ def force_exit_steps(method, schedule: list[int]):
     return set_call
 
 
-def bench(cfg, dist, steps: int, warmup: int = 1, exit_schedule: list[int] | None = None) -> dict:
+def build_sharded(cfg, dist):
+    """(device, method, batches): the networks built and sharded as train.py does, and the prompt batches."""
     device = pick_device(cfg, dist.local_rank)
-    cuda = device.type == "cuda"
     seed_everything(cfg.seed, 0)  # random weights (model.path folders hold fixed ones): the same on every rank
     method = build_method(cfg, device)
     shard_method(method, cfg, build_mesh(cfg.fsdp, dist))
-    batches = Batches(instantiate(cfg.data.prompts), cfg.batch_size, dist.world_size, 1)
+    return device, method, Batches(instantiate(cfg.data.prompts), cfg.batch_size, dist.world_size, 1)
+
+
+def bench(cfg, dist, steps: int, warmup: int = 1, exit_schedule: list[int] | None = None) -> dict:
+    device, method, batches = build_sharded(cfg, dist)
+    cuda = device.type == "cuda"
     global_tokens = clip_tokens(cfg, method) * cfg.batch_size * dist.world_size
     result = {
         "device": torch.cuda.get_device_name() if cuda else "cpu",

@@ -14,6 +14,7 @@ kernel kind; and the operators with the most host time.
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import re
 import sys
@@ -27,22 +28,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hydra.utils import instantiate  # noqa: E402
-
 import train  # noqa: E402
-from scripts.bench_train import force_exit_steps  # noqa: E402
+from scripts.bench_train import build_sharded, force_exit_steps  # noqa: E402
 from scripts.profile_inference import kind_of  # noqa: E402
-from utils.build import Batches, build_method, build_optimizer, pick_device  # noqa: E402
+from utils.build import build_optimizer  # noqa: E402
 from utils.config import compose_checked  # noqa: E402
 from utils.distributed import destroy, init_distributed, single_process_group  # noqa: E402
-from utils.fsdp import build_mesh, shard_method  # noqa: E402
-from utils.rng import seed_everything  # noqa: E402
 
 PHASES = ("text", "rollout fwd no-grad", "rollout fwd grad", "scores", "backward", "clip", "optimizer", "reshard")
 
 
 @contextmanager
-def annotated(method, nets):
+def annotated(method, optimizers):
     """Label the trainer's phases with record_function ranges (patched in for the profile only)."""
     from torch.autograd.profiler import record_function
 
@@ -58,7 +55,7 @@ def annotated(method, nets):
     undo = [wrap(method, "encode", "text"), wrap(method, "guided_x0", "scores"),
             wrap(torch.Tensor, "backward", "backward"), wrap(torch.nn.utils, "clip_grad_norm_", "clip"),
             wrap(train, "reshard", "reshard")]
-    undo += [wrap(opt, "step", "optimizer") for opt in nets.values()]
+    undo += [wrap(opt, "step", "optimizer") for opt in optimizers]
     open_ranges, handles = [], []
 
     def pre(module, args):
@@ -142,12 +139,13 @@ def host_breakdown(events: list, windows: list, top: int) -> dict:
             merged.append([a, b])
     ops = sorted((e for e in events if e.get("ph") == "X" and e.get("tid") == tid and e.get("cat") in ("cpu_op", "user_annotation")
                   and not e["name"].startswith("rollout")), key=lambda e: (e["ts"], -e["dur"]))
+    starts = [e["ts"] for e in ops]
     by_name, covered, total = defaultdict(float), 0.0, sum(b - a for a, b in merged)
     for a, b in merged:
         edge = a
-        for e in ops:
-            if e["ts"] < a or e["ts"] >= b or e["ts"] < edge:
-                continue  # outside the window, or nested in the last outermost op
+        for e in ops[bisect.bisect_left(starts, a) : bisect.bisect_left(starts, b)]:
+            if e["ts"] < edge:
+                continue  # nested in the last outermost op
             d = min(e["ts"] + e["dur"], b) - e["ts"]
             by_name[re.sub(r" \(.*\)$", "", e["name"])] += d
             covered += d
@@ -186,11 +184,7 @@ def main(argv=None) -> None:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "exit_step": args.exit_step, "overrides": args.overrides}
     try:
-        device = pick_device(cfg, dist.local_rank)
-        seed_everything(cfg.seed, 0)
-        method = build_method(cfg, device)
-        shard_method(method, cfg, build_mesh(cfg.fsdp, dist))
-        batches = Batches(instantiate(cfg.data.prompts), cfg.batch_size, dist.world_size, 1)
+        _, method, batches = build_sharded(cfg, dist)
         force_exit_steps(method, [args.exit_step])
         nets = {"generator": method.generator, "critic": method.fake_score}
         optims = {phase: build_optimizer(net.parameters(), cfg.generator_optim if phase == "generator" else cfg.critic_optim,
@@ -209,7 +203,7 @@ def main(argv=None) -> None:
             one_step(args.warmup)  # the same step unprofiled: its true wall time
             sync()
             unprofiled = time.perf_counter() - begin
-            with tempfile.TemporaryDirectory() as tmp, annotated(method, {phase: opt}):
+            with tempfile.TemporaryDirectory() as tmp, annotated(method, [opt]):
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                     with torch.autograd.profiler.record_function("step"):
                         one_step(args.warmup)
