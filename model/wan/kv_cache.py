@@ -158,11 +158,6 @@ class KVCache:
             others.append((cursor, valid))
         return ChunkPlan(tuple(writes), valid, tuple(others))
 
-    def attend_kv(self, layer: int, plan: ChunkPlan, k, v, past=None, write: bool = True):
-        """Write a chunk's keys/values for `layer` and return the keys/values it attends to
-        (attend_cached on this layer's buffers)."""
-        return attend_cached(self.k[layer], self.v[layer], plan, k, v, past, write)
-
     def past(self, layer: int, plan: ChunkPlan, view: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached keys/values of the frames other than the chunk's own, as new tensors; view=True:
         as views of the cache where they are one run of slots that later chunks never rewrite (no

@@ -43,7 +43,7 @@ class AttnSpec:
     cross_mode: str = "compute"  # "compute" | "store" (fill the cache) | "reuse"
     fused: bool = False  # element-wise stretches through torch.compile (model/wan/fused.py)
     compiled: bool = False  # chunk calls run each block as one compiled graph (WanDiT.set_compiled_blocks)
-    ops: object = None  # block_ops(fused), resolved once per call (a compiled block cannot call block_ops)
+    ops: object = None  # block_ops(fused), resolved by the caller once per call (a compiled block cannot call block_ops)
 
 
 class WanDiTBlock(WanTransformerBlock):
@@ -102,7 +102,7 @@ class WanDiTBlock(WanTransformerBlock):
             return h.view(batch, frames, length // frames, dim)
 
         # 1. Self-attention (bidirectional, block-causal, or over the KV cache)
-        ops = spec.ops or block_ops(spec.fused)
+        ops = spec.ops
         h = ops.norm_modulate(per_frame(x), scale, shift, self.norm1.eps).view(batch, length, dim)
         h = self._self_attention(h, rope, spec, kv, past, write, ops)
 
