@@ -98,6 +98,8 @@ def test_vae_channels_last_stream_decode_equals_plain(tiny_wan_folder, monkeypat
     # the fused blocks' functions uncompiled (compiling on a 2-core CPU takes a minute; the GPU test compiles)
     monkeypatch.setattr(wan_vae, "_compiled_bias_norm_silu", wan_vae.bias_norm_silu)
     monkeypatch.setattr(wan_vae, "_compiled_bias_residual", wan_vae.bias_residual)
+    monkeypatch.setattr(wan_vae, "_compiled_bias_norm_silu_into", wan_vae.bias_norm_silu_into)
+    monkeypatch.setattr(wan_vae, "_compiled_upsample_frames", wan_vae.upsample_frames)
     vae = WanVAE(str(tiny_wan_folder), dtype="float32")
     latents = torch.randn(1, 5, 4, 6, 10, generator=torch.Generator().manual_seed(0))
 
@@ -107,7 +109,7 @@ def test_vae_channels_last_stream_decode_equals_plain(tiny_wan_folder, monkeypat
         return torch.cat([decoder.decode(latents[:, :1]), decoder.decode(latents[:, 1:3]), decoder.decode(latents[:, 3:])], dim=1)
 
     plain = streamed()
-    for setter in ("set_implicit_padding", "set_fused_blocks"):  # alone, then with channels-last
+    for setter in ("set_implicit_padding", "set_fused_blocks", "set_fused_upsample"):  # alone, then with channels-last
         for channels_last in (False, True):
             vae.set_channels_last(channels_last)
             getattr(vae, setter)(True)

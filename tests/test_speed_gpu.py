@@ -115,7 +115,7 @@ def test_vae_levers_match_plain_decode(tiny_wan_folder):
 
     plain = streamed()
     floor = bf16_decode_floor(tiny_wan_folder, latents)
-    for setters in (("set_stacked_convs",), ("set_implicit_padding", "set_fused_blocks")):
+    for setters in (("set_stacked_convs",), ("set_implicit_padding", "set_fused_blocks", "set_fused_upsample")):
         vae.set_channels_last(True)
         vae.set_fused_norms(True)
         for setter in setters:

@@ -32,6 +32,7 @@ class SpeedSchema:
     cudnn_benchmark: Optional[bool] = None  # let cuDNN time its convolution algorithms once per shape
     vae_implicit_padding: Optional[bool] = False  # the VAE decoder's other convs pad spatially themselves; off: +0.23 GiB peak for 0.01 s
     vae_fused_block: Optional[bool] = None  # the VAE decoder's residual blocks: bias + norm + SiLU and bias + residual compiled, lean memory
+    vae_fused_upsample: Optional[bool] = None  # the VAE decoder's upsampling layers: frame pairs + 2x nearest + layout in one compiled gather
     decode_stream: Optional[bool] = False  # decode each chunk on a second CUDA stream; off: measured no faster, later first chunk
 
 
@@ -89,7 +90,7 @@ def apply_levers(generator, vae, levers: dict[str, bool]):
     generator.set_fused_elementwise(levers["fused_elementwise"])
     for lever, setter in (("vae_channels_last", "set_channels_last"), ("vae_fused_norm", "set_fused_norms"),
                           ("vae_stacked_conv", "set_stacked_convs"), ("vae_implicit_padding", "set_implicit_padding"),
-                          ("vae_fused_block", "set_fused_blocks")):
+                          ("vae_fused_block", "set_fused_blocks"), ("vae_fused_upsample", "set_fused_upsample")):
         if hasattr(vae, setter):
             getattr(vae, setter)(levers[lever])
         elif levers[lever]:

@@ -20,6 +20,7 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import (
     WanCausalConv3d,
+    WanResample,
     WanResidualBlock,
     WanRMS_norm,
     WanUpsample,
@@ -89,6 +90,7 @@ class WanVAE(torch.nn.Module):
         self.stacked_convs = False  # set_stacked_convs
         self.implicit_padding = False  # set_implicit_padding
         self.fused_blocks = False  # set_fused_blocks
+        self.fused_upsample = False  # set_fused_upsample
         cfg = vae.config
         self.latent_channels = cfg.z_dim
         # Derived from the architecture (one 2x step per down block, patchify on top), so a Wan2.2
@@ -175,6 +177,18 @@ class WanVAE(torch.nn.Module):
         _swap_class(self.model.decoder, WanResidualBlock, _FusedResidualBlock, enabled)
         self.fused_blocks = bool(enabled)
 
+    def set_fused_upsample(self, enabled: bool) -> None:
+        """Run the decoder's spatial upsampling layers as _FusedResample: the time conv's frame pairs, the
+        nearest 2x upsampling and the 2-D conv's channels-last input from one compiled gather."""
+        for module in self.model.decoder.modules():
+            if type(module) in (WanResample, _FusedResample) and module.mode in ("upsample2d", "upsample3d"):
+                up, conv = module.resample
+                if not isinstance(up, WanUpsample) or up.scale_factor not in ((2.0, 2.0), 2.0) or \
+                        up.mode not in ("nearest", "nearest-exact") or conv.stride != (1, 1) or conv.groups != 1:
+                    raise ValueError(f"the fused upsampling needs nearest 2x upsampling and a plain conv, got {module.resample}")
+        _swap_class(self.model.decoder, WanResample, _FusedResample, enabled)
+        self.fused_upsample = bool(enabled)
+
     def train(self, mode: bool = True):
         return super().train(False)  # frozen
 
@@ -252,8 +266,19 @@ def bias_residual(x: torch.Tensor, conv_bias: torch.Tensor, shortcut: torch.Tens
     return ((x.float() + conv_bias.float()).to(x.dtype).float() + shortcut.float()).to(x.dtype)
 
 
-_compiled_bias_norm_silu = torch.compile(bias_norm_silu, fullgraph=True, dynamic=True)
-_compiled_bias_residual = torch.compile(bias_residual, fullgraph=True, dynamic=True)
+def bias_norm_silu_into(out: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor, bias, scale: float,
+                        conv_bias: torch.Tensor | None) -> None:
+    """bias_norm_silu written into `out` (a slice of the next convolution's input), not a new tensor."""
+    out.copy_(bias_norm_silu(x, gamma, bias, scale, conv_bias))
+
+
+# Static shapes: one graph per channel count, resolution and frame count the decoder feeds them (about
+# 20 each). With symbolic shapes inductor cannot size the norm's reduction over channels and emits a
+# looped two-pass kernel, which profiled 2.5x slower on an H100 than the one-pass kernels it emits here.
+_compiled_bias_norm_silu = torch.compile(bias_norm_silu, fullgraph=True, dynamic=False)
+# compiled, the copy is the norm kernel's own store: the normed frames are written once, in place
+_compiled_bias_norm_silu_into = torch.compile(bias_norm_silu_into, fullgraph=True, dynamic=False)
+_compiled_bias_residual = torch.compile(bias_residual, fullgraph=True, dynamic=False)
 
 
 def _channels_last_view(x: torch.Tensor) -> torch.Tensor:
@@ -267,9 +292,9 @@ def _channels_first_view(x: torch.Tensor) -> torch.Tensor:
 class _FusedResidualBlock(WanResidualBlock):
     """WanResidualBlock for the streaming decoder (set_fused_blocks): same parameters, same feature-cache
     frames, same sums up to bf16 rounding. Each conv's bias goes into the compiled kernel after it (the
-    next norm, or the residual add) instead of a pass of its own; the causal conv's input is one
-    concatenation [zero frames, cached frames, SiLU(norm(x))] along T with channels last, padded
-    spatially by the convolution; and each tensor is let go as soon as it is used, so that at full
+    next norm, or the residual add) instead of a pass of its own; the causal conv's input is one buffer
+    [zero frames, cached frames, SiLU(norm(x))] along T with channels last, into which the norm kernel
+    stores its frames (no concatenation copy), padded spatially by the convolution; and each tensor is let go as soon as it is used, so that at full
     resolution only the block's input, one conv input, its output and the new cache are alive."""
 
     def forward(self, x: torch.Tensor, feat_cache=None, feat_idx=[0]) -> torch.Tensor:  # noqa: B006 (diffusers' signature)
@@ -284,24 +309,30 @@ class _FusedResidualBlock(WanResidualBlock):
             idx = feat_idx[0]
             feat_idx[0] += 1
             norm_bias = norm.bias.view(-1) if isinstance(norm.bias, torch.Tensor) else norm.bias
-            y = _compiled_bias_norm_silu(h, norm.gamma.view(-1), norm_bias, norm.scale, bias)
-            del h
             cache = None if feat_cache[idx] is None else _channels_last_view(feat_cache[idx])
-            seen = [y] if cache is None else [cache, y]
-            time_pad = conv._padding[4] - sum(t.shape[1] for t in seen[:-1])
-            weight = conv.weight
-            if time_pad > 0 and y.shape[1] == 1:
+            cached = 0 if cache is None else cache.shape[1]
+            steps, time_pad, weight = h.shape[1], conv._padding[4] - cached, conv.weight
+            if time_pad > 0 and steps == 1:
                 # One output frame whose first time_pad taps read zero frames (the clip's first latent
                 # frame, or its second before time upsampling): those taps add exact zeros, so convolve
                 # the frames there are with the other taps (a third of the work at the first frame).
-                zeros, weight = [], _trimmed_weight(conv, time_pad)
-            else:
-                zeros = [y.new_zeros((y.shape[0], time_pad, *y.shape[2:]))] if time_pad > 0 else []
-            frames = torch.cat([*zeros, *seen], dim=1) if len(seen) + len(zeros) > 1 else y
-            # the last two frames of [cache, y], as diffusers keeps them
-            new_cache = y[:, -2:].clone() if y.shape[1] >= 2 else torch.cat([t[:, -1:] for t in seen[-2:]], dim=1)
+                time_pad, weight = 0, _trimmed_weight(conv, time_pad)
+            time_pad = max(time_pad, 0)
+            if time_pad + cached == 0:
+                frames = _compiled_bias_norm_silu(h, norm.gamma.view(-1), norm_bias, norm.scale, bias)
+            else:  # [zero frames, cached frames, SiLU(norm(h))], the normed frames stored there directly
+                frames = h.new_empty((h.shape[0], time_pad + cached + steps, *h.shape[2:]))
+                if time_pad:
+                    frames[:, :time_pad].zero_()
+                if cached:
+                    frames[:, time_pad : time_pad + cached].copy_(cache)
+                _compiled_bias_norm_silu_into(frames[:, time_pad + cached :], h, norm.gamma.view(-1), norm_bias,
+                                              norm.scale, bias)
+            del h, cache
+            # the last two frames of [cache, SiLU(norm(h))], as diffusers keeps them
+            new_cache = frames[:, -min(2, cached + steps) :].clone()
             feat_cache[idx] = _channels_first_view(new_cache)  # the entry's usual [B, C, T, H, W], channels-last
-            del y, cache, seen, new_cache
+            del new_cache
             h = _channels_last_view(torch.nn.functional.conv3d(
                 _channels_first_view(frames), weight, None, conv.stride, (0, conv._padding[2], conv._padding[0])))
             del frames
@@ -329,6 +360,58 @@ class _NearestUpsample(WanUpsample):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.interpolate(x, self.size, self.scale_factor, self.mode, self.align_corners,
                                                recompute_scale_factor=self.recompute_scale_factor)
+
+
+def upsample_frames(x: torch.Tensor, pairs: bool) -> torch.Tensor:
+    """[B, C', T, H, W] (any layout) -> [B * T', 2H, 2W, C] contiguous: nearest 2x spatial upsampling of every
+    frame, channels last. pairs: x is a time conv's output whose channels hold two frames each, [k * C + c]
+    being channel c of output frame 2t + k (WanResample's reshape + stack, T' = 2T); else C = C', T' = T."""
+    b, _, t, h, w = x.shape
+    frames = x.permute(0, 2, 3, 4, 1)  # [B, T, H, W, C']
+    if pairs:
+        frames = frames.unflatten(-1, (2, -1)).permute(0, 1, 4, 2, 3, 5).flatten(1, 2)  # [B, 2T, H, W, C]
+    c = frames.shape[-1]
+    up = frames.unsqueeze(3).unsqueeze(5).expand(b, frames.shape[1], h, 2, w, 2, c)
+    return up.reshape(b * frames.shape[1], 2 * h, 2 * w, c)
+
+
+# one gather kernel per shape (three in the decoder), where eager would copy for the reshape, the stack,
+# the layout and the upsampling in turn
+_compiled_upsample_frames = torch.compile(upsample_frames, fullgraph=True, dynamic=False)
+
+
+class _FusedResample(WanResample):
+    """WanResample's upsample2d / upsample3d for the decoder (set_fused_upsample): same parameters, same
+    feature cache, same numbers. The time conv's frame pairs, the frames' nearest 2x upsampling and the
+    channels-last layout the 2-D conv wants come out of one compiled gather (upsample_frames) instead of
+    four copies (WanResample reshapes, stacks and permutes into channels-first frames, which the
+    upsampling then reads in the slow NCHW kernel)."""
+
+    def forward(self, x: torch.Tensor, feat_cache=None, feat_idx=[0]) -> torch.Tensor:  # noqa: B006 (diffusers' signature)
+        # x: [B, C, T, H, W] -> [B, C_out, T' (2T after a time conv), 2H, 2W], channels-last
+        if self.mode not in ("upsample2d", "upsample3d") or feat_cache is None:
+            return WanResample.forward(self, x, feat_cache, feat_idx)
+        pairs = False
+        if self.mode == "upsample3d":  # WanResample's cache logic
+            idx = feat_idx[0]
+            feat_idx[0] += 1
+            cached = feat_cache[idx]
+            if cached is None:  # the clip's first latent frame: no time conv, one frame stays one
+                feat_cache[idx] = "Rep"
+            else:
+                rep = isinstance(cached, str)
+                cache_x = x[:, :, -2:].clone()
+                if cache_x.shape[2] < 2:
+                    last = torch.zeros_like(cache_x) if rep else cached[:, :, -1:].to(cache_x.device)
+                    cache_x = torch.cat([last, cache_x], dim=2)
+                x = self.time_conv(x) if rep else self.time_conv(x, cached)
+                feat_cache[idx] = cache_x
+                pairs = True
+        conv = self.resample[1]
+        b = x.shape[0]
+        frames = _compiled_upsample_frames(x, pairs).permute(0, 3, 1, 2)  # [B * T', C, 2H, 2W] channels-last
+        out = torch.nn.functional.conv2d(frames, conv.weight, conv.bias, conv.stride, conv.padding)
+        return out.unflatten(0, (b, -1)).transpose(1, 2)
 
 
 def _causal_time_pad(x: torch.Tensor, cache_x: torch.Tensor | None, t_pad: int) -> torch.Tensor:
