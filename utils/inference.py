@@ -174,13 +174,35 @@ class _Clock:
         return self.start.elapsed_time(mark) / 1000 if self.cuda else mark - self.start
 
 
-def _to_host(pixels: torch.Tensor) -> torch.Tensor:
-    """A decoded chunk on the host: on CUDA an asynchronous copy into pinned memory (the clip never
-    sits whole on the GPU, and the copy overlaps the next chunk); read it only after a sync."""
-    if not pixels.is_cuda:
-        return pixels
-    host = torch.empty(pixels.shape, dtype=pixels.dtype, pin_memory=True)
-    return host.copy_(pixels, non_blocking=True)
+class _HostVideo:
+    """The decoded clip on the host, filled chunk by chunk. On CUDA each chunk is copied into its slice of
+    one pinned tensor by a copy stream, so the copy overlaps the next chunk's work instead of holding up
+    the stream the model runs on, and no host-side concatenation of the clip follows (the clip never sits
+    whole on the GPU). Read `video` only after a sync."""
+
+    def __init__(self, num_frames: int):
+        self.num_frames, self.filled, self.video, self.stream = num_frames, 0, None, None
+
+    def add(self, pixels: torch.Tensor) -> None:
+        # pixels: [B, F', C, H, W], the next F' frames of the clip
+        if self.video is None:
+            shape = (pixels.shape[0], self.num_frames, *pixels.shape[2:])
+            self.video = torch.empty(shape, dtype=pixels.dtype, pin_memory=pixels.is_cuda)
+        end = self.filled + pixels.shape[1]
+        if end > self.num_frames or self.video.shape[2:] != pixels.shape[2:]:
+            raise RuntimeError(f"decoded chunk {tuple(pixels.shape)} does not fit frames {self.filled}..{end} of "
+                               f"the clip {tuple(self.video.shape)}: the VAE's temporal_compression disagrees with its decoder")
+        target = self.video[:, self.filled : end]
+        if pixels.is_cuda:
+            if self.stream is None:
+                self.stream = torch.cuda.Stream(pixels.device)
+            self.stream.wait_stream(torch.cuda.current_stream(pixels.device))
+            with torch.cuda.stream(self.stream):
+                target.copy_(pixels, non_blocking=True)
+            pixels.record_stream(self.stream)  # its memory is not reused before the copy has read it
+        else:
+            target.copy_(pixels)
+        self.filled = end
 
 
 @torch.no_grad()
@@ -202,15 +224,16 @@ def generate(student: Student, items: list[Item], num_frames: int, noise: torch.
     kv_cache, cross = student.caches(len(items), num_frames, pattern, x.shape[-2:])
     decoder = student.vae.stream_decoder(len(items))
     stream = student.decode_stream
-    pixels, first = [], []
+    pixels = _HostVideo(1 + student.vae.temporal_compression * (num_frames - 1))
+    first = []
 
     def on_chunk(_start: int, x0: torch.Tensor) -> None:
         if stream is None:
-            pixels.append(_to_host(decoder.decode(x0)))
+            pixels.add(decoder.decode(x0))
         else:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                pixels.append(_to_host(decoder.decode(x0)))
+                pixels.add(decoder.decode(x0))
             x0.record_stream(stream)
         if not first:
             first.append(clock.mark(stream))
@@ -219,7 +242,9 @@ def generate(student: Student, items: list[Item], num_frames: int, noise: torch.
                   schedule=student.schedule, context_noise=student.cfg.context_noise, rng=rng, on_chunk=on_chunk,
                   kv_cache=kv_cache, crossattn_cache=cross)
     _sync(device)  # the copies to the host are done
-    video = torch.cat(pixels, dim=1).float()
+    if pixels.filled != pixels.num_frames:
+        raise RuntimeError(f"decoded {pixels.filled} frames, expected {pixels.num_frames} for {num_frames} latent frames")
+    video = pixels.video.float()
     timing = {"first_chunk_s": clock.seconds(first[0]), "seconds": time.perf_counter() - start}
     return out.video.float().cpu(), video, timing
 
