@@ -63,7 +63,8 @@ class ChunkGraphs:
         if not crossattn_cache.filled:  # the text K/V once per prompt batch, so that every call is a "reuse" call
             self.fill_crossattn_cache(context, crossattn_cache)
         key = (frame_offset, tuple(x.shape), x.dtype, tuple(timestep.shape), id(kv_cache), kv_cache.k.data_ptr(),
-               id(crossattn_cache), crossattn_cache.context.data_ptr(), crossattn_cache.kv[0][0].data_ptr())
+               id(crossattn_cache), crossattn_cache.context.data_ptr(), crossattn_cache.kv[0][0].data_ptr(),
+               None if crossattn_cache.text_bias is None else crossattn_cache.text_bias.data_ptr())
         captured = self.graphs.get(key)
         if captured is None:
             captured = self.graphs[key] = self._capture(x, timestep, context, kv_cache, frame_offset, crossattn_cache)
@@ -80,8 +81,9 @@ class ChunkGraphs:
         """Fill the cross-attention cache: eagerly while its buffers do not exist yet (the first prompt
         batch allocates them), then through a graph that writes into them (about 300 small kernels,
         which the host takes ~4 ms to launch one by one, before the first chunk can start)."""
+        context = self.generator.prepare_text(context, cache)  # eager: compacting reads the prompts' lengths
         if cache.context is None or cache.context.shape[0] != context.shape[0] or cache.kv[0] is None:
-            self.generator.fill_crossattn_cache(context, cache)
+            self.generator.store_text_kv(context, cache)
             return
         key = (tuple(context.shape), context.dtype, id(cache), cache.context.data_ptr(), cache.kv[0][0].data_ptr())
         if self.fill is None or self.fill[0] != key:
@@ -89,13 +91,13 @@ class ChunkGraphs:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up, as capture requires
-                self.generator.fill_crossattn_cache(static, cache)
+                self.generator.store_text_kv(static, cache)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             with torch.cuda.graph(graph, pool=self.pool):
-                self.generator.fill_crossattn_cache(static, cache)  # copies into the cache's own tensors
+                self.generator.store_text_kv(static, cache)  # copies into the cache's own tensors
             if (cache.context.data_ptr(), cache.kv[0][0].data_ptr()) != key[3:]:
                 raise RuntimeError("the cross-attention cache moved while its fill was captured")
             self.fill = (key, graph, static)

@@ -187,3 +187,51 @@ def test_generate_reuses_its_caches_exactly(tiny_wan_folder):
         fresh_latents, fresh_pixels, _ = generate(student(tiny_wan_folder), batch, 4)
         assert torch.equal(latents, fresh_latents) and torch.equal(pixels, fresh_pixels)
         assert pixels.shape == (2, 13, 3, 64, 64) and 0 < timing["first_chunk_s"] <= timing["seconds"]
+
+
+def test_compact_text_keeps_the_cross_attention_and_fills_fewer_keys():
+    from model.wan.kv_cache import compact_text
+
+    torch.manual_seed(0)
+    model = randomize(WanDiT(**TRANSFORMER), seed=1).eval()
+    pattern = CausalPattern(2)
+    x, t = torch.randn(2, 4, 4, 6, 8), torch.rand(2, 4) * 1000
+    # Wan's text encoder output: each prompt's tokens (5 and 9 here), zeros after them, 40 positions
+    context = torch.randn(2, 40, TRANSFORMER["text_dim"])
+    context[0, 5:] = 0
+    context[1, 9:] = 0
+    kv = KVCache.for_model(model, pattern, batch_size=2, latent_hw=(6, 8), max_frames=4)
+    cross = CrossAttnCache(model.config.num_layers)
+
+    def chunks(compact: bool, prefill: bool):
+        model.set_compact_text(compact, bucket=8)
+        kv.reset()
+        cross.reset()
+        if prefill:
+            model.fill_crossattn_cache(context, cross)
+        return torch.cat([model(x[:, f : f + 2], t[:, f : f + 2], context, kv_cache=kv, frame_offset=f, crossattn_cache=cross)
+                          for f in (0, 2)], dim=1)
+
+    with torch.no_grad():
+        plain = chunks(False, prefill=True)
+        assert cross.text_bias is None and cross.kv[0][0].shape[1] == 40
+        for prefill in (True, False):  # filled up front, or by the first chunk call
+            compact = chunks(True, prefill)
+            assert cross.kv[0][0].shape[1] == 16 and cross.text_bias.shape == (2, 16)  # 9 + 3 rows, bucket 8
+            assert ((compact - plain).abs().max() / plain.abs().max()).item() <= 1e-5
+        assert torch.equal(chunks(False, prefill=False), plain)  # off again: the old bias is dropped
+        assert cross.text_bias is None
+    # the padding's weight, split over three bf16 logits, is N to within 3e-5 (one bf16 logit: up to 1.6%)
+    for n in (1, 4, 100, 497, 509):
+        text = torch.zeros(1, 512, 8, dtype=torch.bfloat16)
+        text[0, : 512 - n] = 1
+        packed = compact_text(text)
+        if 512 - n + 3 > 448:  # no bucket of 64 below 512 holds the prompt and the three rows
+            assert packed is None
+            continue
+        compact, bias = packed
+        rows = bias[0, 512 - n : 512 - n + 3].double()
+        assert torch.equal(compact[0, : 512 - n], text[0, : 512 - n]) and not compact[0, 512 - n :].any()
+        assert (bias[0, : 512 - n] == 0).all() and torch.isneginf(bias[0, 512 - n + 3 :]).all()
+        assert abs(rows.exp().sum().item() / n - 1) <= 3e-5, (n, rows)
+    assert compact_text(torch.ones(2, 512, 8)) is None  # no padding: nothing to fold

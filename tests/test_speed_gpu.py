@@ -64,18 +64,31 @@ def inputs(seed: int):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("lever", ["cudnn_attention", "fa4_attention", "fused_elementwise"])
+@pytest.mark.parametrize("lever", ["cudnn_attention", "fa4_attention", "fused_elementwise", "compact_text"])
 def test_dit_lever_matches_plain_rollout(lever):
     if lever == "fa4_attention" and NO_FA4:
         pytest.skip(NO_FA4)
     model = small_model()
     noise, ctx = inputs(1)
+    if lever == "compact_text":  # as Wan's text encoder gives it: 512 positions, zeros past the prompt's tokens
+        ctx = torch.cat([ctx, ctx.new_zeros(2, 505, ctx.shape[2])], dim=1)
+        ctx[1, 5:] = 0
     plain = roll(model, model, noise, ctx)
+    if lever == "compact_text":
+        model.set_compact_text(True)
+        graphs = ChunkGraphs(model)
+        kv = KVCache.for_model(model, CausalPattern(3), batch_size=2, latent_hw=(30, 52), max_frames=9)
+        cross = CrossAttnCache(model.config.num_layers)
+        eager = roll(model, model, noise, ctx, kv, cross)
+        assert cross.kv[0][0].shape[1] == 64 and cross.text_bias.shape == (2, 64)
+        for _ in range(2):  # captured, then replayed with the cache's compacted K/V and bias
+            replayed = roll(graphs, model, noise, ctx, kv, cross)
+            assert rel_err(replayed, eager) <= 1e-6
     if lever == "cudnn_attention":
         model.set_attention_backend("cudnn")
     elif lever == "fa4_attention":  # chunks 1 and 2 (2,340 and 3,510 keys) on FA4, chunk 0 and the text on cuDNN
         model.set_attention_backend("fa4")
-    else:
+    elif lever == "fused_elementwise":
         model.set_fused_elementwise(True)
     fast = roll(model, model, noise, ctx)
     err = rel_err(fast, plain)

@@ -24,6 +24,7 @@ class SpeedSchema:
 
     cudnn_attention: Optional[bool] = False  # SDPA pinned to cuDNN's attention; off: torch 2.11 on an H100 already picks it
     fa4_attention: Optional[bool] = None  # FlashAttention-4 (pip install flash-attn-4) for self-attention; null: on where it runs
+    compact_text: Optional[bool] = None  # cross-attention over each prompt's tokens + 3 rows for its padding (exact: log N key bias)
     fused_elementwise: Optional[bool] = None  # torch.compile the blocks' norms, modulation, RoPE, gated residuals
     cuda_graphs: Optional[bool] = None  # capture one CUDA graph per chunk position and replay it
     vae_channels_last: Optional[bool] = None  # channels-last 3-D convolutions in the VAE decoder
@@ -88,6 +89,7 @@ def apply_levers(generator, vae, levers: dict[str, bool]):
     if levers["fa4_attention"]:
         generator.set_attention_backend("fa4")  # FA4 for self-attention, cuDNN for the short cross-attention
     generator.set_fused_elementwise(levers["fused_elementwise"])
+    generator.set_compact_text(levers["compact_text"])
     for lever, setter in (("vae_channels_last", "set_channels_last"), ("vae_fused_norm", "set_fused_norms"),
                           ("vae_stacked_conv", "set_stacked_convs"), ("vae_implicit_padding", "set_implicit_padding"),
                           ("vae_fused_block", "set_fused_blocks"), ("vae_fused_upsample", "set_fused_upsample")):

@@ -192,8 +192,14 @@ def check_backend(backend: str, device: torch.device | None = None) -> None:
             raise ValueError(f"attention backend 'fa4' was selected but {why}; select 'cudnn' or 'sdpa'")
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
-    """Unmasked attention. q: [B, Lq, H, D], k, v: [B, Lk, H, D] -> [B, Lq, H, D]."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa",
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Unmasked attention. q: [B, Lq, H, D], k, v: [B, Lk, H, D] -> [B, Lq, H, D]. bias: [B, Lk] added
+    to every query's logits (a compacted text's, kv_cache.compact_text): SDPA picks its kernel then."""
+    if bias is not None:
+        mask = bias.to(q.dtype)[:, None, None, :]
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              attn_mask=mask).transpose(1, 2)
     if backend == "flash_attn" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         from flash_attn import flash_attn_func  # imported lazily: an optional dependency
 

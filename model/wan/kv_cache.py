@@ -206,7 +206,12 @@ class CrossAttnCache:
     def __init__(self, num_layers: int):
         self.kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
         self.context: torch.Tensor | None = None  # the projected text, [B, L, dim]
+        self.text_bias: torch.Tensor | None = None  # [B, L] logits added per key when the text is compacted
         self.filled = False
+
+    def set_text_bias(self, bias: torch.Tensor | None) -> None:
+        """The key bias of a compacted text (compact_text), or None for the text as it is."""
+        self.text_bias = None if bias is None else _copy_into(self.text_bias, bias)
 
     def set_context(self, projected: torch.Tensor) -> None:
         self.context = _copy_into(self.context, projected)
@@ -226,3 +231,51 @@ def _copy_into(buffer: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor
     if buffer is not None and (buffer.shape, buffer.dtype, buffer.device) == (value.shape, value.dtype, value.device):
         return buffer.copy_(value)
     return value
+
+
+PAD_ROWS = 3  # rows that stand for a prompt's padding in a compacted text (the bias split, below)
+
+
+def compact_text(context: torch.Tensor, bucket: int = 64) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The text with its padding folded into three rows, and the key bias that keeps the attention exact.
+
+    Wan's text encoder zeroes every position past a prompt's tokens, and the cross-attention has no
+    mask, so all of a prompt's N padding positions give the same key and value, and attending to them
+    equals attending to one of them with its logit raised by log N. context [B, L, D] -> ([B, L', D]:
+    each prompt's non-zero rows in order, then zero rows; [B, L'] bias: 0 for the prompt's rows, the
+    padding's log N split over three zero rows, -inf for the rest). L' is the longest prompt plus the
+    three rows, rounded up to `bucket` so that nearby prompt lengths share shapes (and CUDA graphs).
+    log N is split as log N = log(e^b1 + e^b2 + e^b3) with each b rounded down to the bias's dtype
+    (bfloat16 keeps 8 bits: a single row would be off by up to 1.6% of the padding's weight; the
+    split leaves less than 3e-5 of it). None when no prompt has enough padding to gain from it.
+    One host sync (the longest prompt), outside any loop."""
+    batch, length, _ = context.shape
+    if context.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    real = context.ne(0).any(dim=-1)  # [B, L]
+    counts = real.sum(dim=1)
+    size = -(-(int(counts.max()) + PAD_ROWS) // bucket) * bucket
+    if size >= length:
+        return None
+    order = torch.argsort((~real).to(torch.uint8), dim=1, stable=True)[:, :size]  # the prompt's rows first
+    compact = torch.gather(context, 1, order[..., None].expand(-1, -1, context.shape[2]))
+    slot = torch.arange(size, device=context.device)[None, :] - counts[:, None]  # 0, 1, 2: the padding's rows
+    bias = torch.where(slot < 0, 0.0, float("-inf")).to(torch.float64)
+    remaining = (length - counts).to(torch.float64)  # the padding's weight still to place
+    for row in range(PAD_ROWS):
+        b = _round_down(remaining.clamp_min(1e-300).log(), context.dtype)
+        b = torch.where(remaining > 0, b, float("-inf"))
+        remaining = remaining - torch.where(remaining > 0, b.exp(), 0.0)
+        bias = torch.where(slot == row, b[:, None], bias)
+    return compact, bias.to(context.dtype)
+
+
+def _round_down(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float64 x -> the largest value of `dtype` (float32 or bfloat16) not above it, as float64."""
+    f = x.to(torch.float32)
+    f = torch.where(f.double() > x, torch.nextafter(f, torch.full_like(f, float("-inf"))), f)
+    if dtype == torch.bfloat16:  # keep the top 16 bits (towards zero), then one step down where that rose
+        bits = f.view(torch.int32)
+        t = (bits & -65536).view(torch.float32)
+        f = torch.where(t > f, (bits & -65536).add(65536).view(torch.float32), t)
+    return f.double()

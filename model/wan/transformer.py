@@ -24,7 +24,7 @@ from diffusers.models.transformers.transformer_wan import WanTransformer3DModel,
 
 from .attention import CausalPattern, attention, block_causal_attention, check_backend
 from .fused import block_ops, feed_forward
-from .kv_cache import ChunkPlan, CrossAttnCache, KVCache, attend_cached
+from .kv_cache import ChunkPlan, CrossAttnCache, KVCache, attend_cached, compact_text
 from .weights import raise_on_mismatch
 
 ROPE_THETA = 10000.0  # diffusers' WanRotaryPosEmbed default, as in the original Wan
@@ -138,7 +138,8 @@ class WanDiTBlock(WanTransformerBlock):
             k, v = self.cross_kv(context)
             if spec.cross_mode == "store" and write:
                 spec.cross.store(layer, k.detach(), v.detach())
-        out = attention(q, k, v, spec.backend)
+        bias = spec.cross.text_bias if spec.cross_mode == "reuse" else None  # the cache's K/V are compacted
+        out = attention(q, k, v, spec.backend, bias)
         return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).type_as(q)))
 
     def cross_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,6 +175,7 @@ class WanDiT(WanTransformer3DModel):
         self.attention_backend = "sdpa"
         self.fused_elementwise = False  # set_fused_elementwise: compiled norms / modulation / RoPE
         self.compiled_blocks = False  # set_compiled_blocks: chunk calls through one compiled graph per block
+        self.compact_text, self.compact_text_bucket = False, 64  # set_compact_text
         self.autocast_dtype: torch.dtype | None = None  # set for mixed-precision training
         # the dtype a wrapper gathers the parameters in for compute (FSDP's MixedPrecisionPolicy); None: their own
         self.wrapped_param_dtype: torch.dtype | None = None
@@ -215,10 +217,28 @@ class WanDiT(WanTransformer3DModel):
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
         self.compiled_blocks = bool(compiled)
 
+    def set_compact_text(self, enabled: bool, bucket: int = 64) -> None:
+        """Fill cross-attention caches with the text's padding folded into three keys (compact_text):
+        the same attention over ~L/8 keys instead of 512 for a short prompt."""
+        self.compact_text = bool(enabled)
+        self.compact_text_bucket = bucket
+
     @torch.no_grad()
     def fill_crossattn_cache(self, context: torch.Tensor, cache: CrossAttnCache) -> None:
         """Project the text and store every block's cross-attention K/V (what the first chunk call
         would store), so that all chunk calls of a rollout are alike ("reuse")."""
+        self.store_text_kv(self.prepare_text(context, cache), cache)
+
+    @torch.no_grad()
+    def prepare_text(self, context: torch.Tensor, cache: CrossAttnCache) -> torch.Tensor:
+        """The text the cache will hold: compacted (and its key bias set on the cache) with compact_text on."""
+        packed = compact_text(context, self.compact_text_bucket) if self.compact_text else None
+        cache.set_text_bias(None if packed is None else packed[1])
+        return context if packed is None else packed[0]
+
+    @torch.no_grad()
+    def store_text_kv(self, context: torch.Tensor, cache: CrossAttnCache) -> None:
+        """fill_crossattn_cache after prepare_text: no host syncs, so CUDA graphs can capture it."""
         if self.autocast_dtype is None:  # as forward(): frozen networks compute in their parameters' dtype
             autocast, context = contextlib.nullcontext(), context.to(self.patch_embedding.weight.dtype)
         else:
@@ -286,6 +306,8 @@ class WanDiT(WanTransformer3DModel):
         if crossattn_cache is None:
             return self.condition_embedder.text_embedder(context), "compute"
         wants_grad = torch.is_grad_enabled() and self.condition_embedder.text_embedder.linear_1.weight.requires_grad
+        if self.compact_text and not crossattn_cache.filled and not wants_grad:
+            self.fill_crossattn_cache(context, crossattn_cache)  # compacted, its bias set: then "reuse"
         if crossattn_cache.filled and not wants_grad:
             if crossattn_cache.context.shape[0] != context.shape[0]:
                 raise ValueError("the cross-attention cache holds another batch of prompts; reset() it first")
@@ -293,6 +315,7 @@ class WanDiT(WanTransformer3DModel):
         projected = self.condition_embedder.text_embedder(context)
         if crossattn_cache.filled:
             return projected, "compute"
+        crossattn_cache.set_text_bias(None)
         crossattn_cache.set_context(projected.detach())
         return projected, "store"
 
