@@ -31,10 +31,10 @@ class SpeedSchema:
     vae_fused_norm: Optional[bool] = None  # torch.compile the VAE's RMS norm + SiLU (residual blocks, output heads)
     vae_stacked_conv: Optional[bool] = False  # the VAE decoder's 3-D convolutions as 2-D ones over stacked frames; off: measured slower, +0.9 GiB
     cudnn_benchmark: Optional[bool] = None  # let cuDNN time its convolution algorithms once per shape
-    vae_implicit_padding: Optional[bool] = False  # the VAE decoder's other convs pad spatially themselves; off: +0.23 GiB peak for 0.01 s
+    vae_implicit_padding: Optional[bool] = None  # the VAE decoder's other convs (the full-resolution head) pad spatially themselves
     vae_fused_block: Optional[bool] = None  # the VAE decoder's residual blocks: bias + norm + SiLU and bias + residual compiled, lean memory
     vae_fused_upsample: Optional[bool] = None  # the VAE decoder's upsampling layers: frame pairs + 2x nearest + layout in one compiled gather
-    decode_stream: Optional[bool] = False  # decode each chunk on a second CUDA stream; off: measured no faster, later first chunk
+    decode_stream: Optional[bool] = None  # decode each chunk on a second CUDA stream while the DiT computes the next
 
 
 LEVERS = tuple(f.name for f in fields(SpeedSchema))
