@@ -9,8 +9,8 @@ from model.wan.attention import CausalPattern, attention, fa4_supported
 from model.wan.kv_cache import CrossAttnCache, KVCache
 from model.wan.text_encoder import WanTextEncoder
 from model.wan.transformer import WanDiT
-import model.wan.vae as wan_vae
-from model.wan.vae import WanVAE, rms_norm_silu
+import model.wan.vae_layers as vae_layers
+from model.wan.vae import WanVAE
 from tests.wan_folder import TRANSFORMER, tiny_wan_folder  # noqa: F401  (a fixture)
 from tests.wan_tiny import randomize
 from utils.inference import Item, Student, generate
@@ -96,10 +96,10 @@ def test_fused_feed_forward_is_the_module_where_the_epilogue_cannot_run():
 
 def test_vae_channels_last_stream_decode_equals_plain(tiny_wan_folder, monkeypatch):
     # the fused blocks' functions uncompiled (compiling on a 2-core CPU takes a minute; the GPU test compiles)
-    monkeypatch.setattr(wan_vae, "_compiled_bias_norm_silu", wan_vae.bias_norm_silu)
-    monkeypatch.setattr(wan_vae, "_compiled_bias_residual", wan_vae.bias_residual)
-    monkeypatch.setattr(wan_vae, "_compiled_bias_norm_silu_into", wan_vae.bias_norm_silu_into)
-    monkeypatch.setattr(wan_vae, "_compiled_upsample_frames", wan_vae.upsample_frames)
+    monkeypatch.setattr(vae_layers, "_compiled_bias_norm_silu", vae_layers.bias_norm_silu)
+    monkeypatch.setattr(vae_layers, "_compiled_bias_residual", vae_layers.bias_residual)
+    monkeypatch.setattr(vae_layers, "_compiled_bias_norm_silu_into", vae_layers.bias_norm_silu_into)
+    monkeypatch.setattr(vae_layers, "_compiled_upsample_frames", vae_layers.upsample_frames)
     vae = WanVAE(str(tiny_wan_folder), dtype="float32")
     latents = torch.randn(1, 5, 4, 6, 10, generator=torch.Generator().manual_seed(0))
 
@@ -133,7 +133,7 @@ def test_vae_channels_last_stream_decode_equals_plain(tiny_wan_folder, monkeypat
     # the fused norm's function, uncompiled, is diffusers' norm + SiLU exactly
     block = vae.model.decoder.mid_block.resnets[0]
     x = torch.randn(1, block.norm1.gamma.shape[0], 2, 6, 10)
-    assert torch.equal(rms_norm_silu(x, block.norm1.gamma, block.norm1.bias, block.norm1.scale),
+    assert torch.equal(vae_layers.rms_norm_silu(x, block.norm1.gamma, block.norm1.bias, block.norm1.scale),
                        block.nonlinearity(block.norm1(x)))
 
 
@@ -142,7 +142,7 @@ def test_vae_upsamples_in_its_own_dtype_exactly(tiny_wan_folder):
 
     vae = WanVAE(str(tiny_wan_folder), dtype="bfloat16")
     ups = [m for m in vae.model.modules() if isinstance(m, WanUpsample)]
-    assert ups and all(type(m) is wan_vae._NearestUpsample for m in ups)
+    assert ups and all(type(m) is vae_layers.NearestUpsample for m in ups)
     x = torch.randn(2, 8, 5, 7, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
     out = ups[0](x)
     assert out.dtype == torch.bfloat16 and torch.equal(out, WanUpsample.forward(ups[0], x))
