@@ -65,9 +65,9 @@ LADDER = [
 PROMPT = "a red car moving left on a street at sunset"
 
 
-def configurations(names: list[str]) -> list[tuple[str, dict]]:
+def configurations(names: list[str], device: torch.device = torch.device("cuda")) -> list[tuple[str, dict]]:
     """Named lever sets: the ladder's rows (cumulative), "all", "plain", "all-<lever>" (one off), "only+<lever>",
-    "default" (configs/inference.yaml's speed: block on CUDA) and "default+<lever>-<lever>..." (levers on / off)."""
+    "default" (configs/inference.yaml's speed: block on the benchmark's device) and "default+<lever>-<lever>..." (levers on / off)."""
     ladder, levers = {}, dict(OFF)
     for name, delta in LADDER:
         levers = {**levers, **delta}
@@ -83,9 +83,9 @@ def configurations(names: list[str]) -> list[tuple[str, dict]]:
             every["cudnn_attention"] = not every["fa4_attention"]
             out.append((name, every if name == "all" else {**every, name[4:]: False}))
         elif name == "default":
-            out.append((name, resolve_levers(SpeedSchema(), torch.device("cuda"))))
+            out.append((name, resolve_levers(SpeedSchema(), device)))
         elif name.startswith("default") and all(lever in LEVERS for lever in re.split("[+-]", name)[1:]):
-            levers = resolve_levers(SpeedSchema(), torch.device("cuda"))
+            levers = resolve_levers(SpeedSchema(), device)
             for sign, lever in re.findall("([+-])([a-z0-9_]+)", name[7:]):
                 levers[lever] = sign == "+"
             out.append((name, levers))
@@ -223,7 +223,7 @@ def bench_config(name, levers, parts, args, device, items, reference) -> dict:
     row["pixels_mean_abs_err"] = (pixels - ref_pixels).abs().mean().item()
     if isinstance(runner, ChunkGraphs):
         runner.clear()
-    del student, runner, stream
+    student = runner = stream = None  # let the graphs and caches go before the next configuration
     gc.collect()
     return row, reference
 
@@ -264,7 +264,7 @@ def main(argv=None) -> None:
     names = [n for n in args.configs.split(",") if n]
     if names == ["ladder"]:
         names = [n for n, _ in LADDER]
-    configs = configurations(names)
+    configs = configurations(names, torch.device(args.device))
     if configs[0][0] != "plain":
         configs.insert(0, ("plain", dict(OFF)))  # every row is compared with the plain path
 
