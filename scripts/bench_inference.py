@@ -67,7 +67,7 @@ PROMPT = "a red car moving left on a street at sunset"
 
 def configurations(names: list[str], device: torch.device = torch.device("cuda")) -> list[tuple[str, dict]]:
     """Named lever sets: the ladder's rows (cumulative), "all", "plain", "all-<lever>" (one off), "only+<lever>",
-    "default" (configs/inference.yaml's speed: block on the benchmark's device) and "default+<lever>-<lever>..." (levers on / off)."""
+    "default" (configs/inference.yaml's speed: block on `device`) and "default+<lever>-<lever>..." (levers on / off)."""
     ladder, levers = {}, dict(OFF)
     for name, delta in LADDER:
         levers = {**levers, **delta}
