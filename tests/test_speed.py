@@ -148,6 +148,17 @@ def test_vae_upsamples_in_its_own_dtype_exactly(tiny_wan_folder):
     assert out.dtype == torch.bfloat16 and torch.equal(out, WanUpsample.forward(ups[0], x))
 
 
+def two_chunks(model, x, t, ctx, kv, cross, prefill: bool) -> torch.Tensor:
+    """Frames 0-1 and 2-3 of x as two chunk calls through fresh caches; the text K/V filled up front
+    (prefill) or stored by the first chunk call."""
+    kv.reset()
+    cross.reset()
+    if prefill:
+        model.fill_crossattn_cache(ctx, cross)
+    return torch.cat([model(x[:, f : f + 2], t[:, f : f + 2], ctx, kv_cache=kv, frame_offset=f, crossattn_cache=cross)
+                      for f in (0, 2)], dim=1)
+
+
 def test_filled_cross_cache_and_reused_memory_give_the_same_chunks():
     torch.manual_seed(0)
     model = randomize(WanDiT(**TRANSFORMER), seed=1).eval()
@@ -159,12 +170,7 @@ def test_filled_cross_cache_and_reused_memory_give_the_same_chunks():
     cross = CrossAttnCache(model.config.num_layers)
 
     def chunks(ctx, prefill: bool):
-        kv.reset()
-        cross.reset()
-        if prefill:
-            model.fill_crossattn_cache(ctx, cross)
-        return torch.cat([model(x[:, f : f + 2], t[:, f : f + 2], ctx, kv_cache=kv, frame_offset=f, crossattn_cache=cross)
-                          for f in (0, 2)], dim=1)
+        return two_chunks(model, x, t, ctx, kv, cross, prefill)
 
     with torch.no_grad():
         first = chunks(contexts[0], prefill=False)  # the first chunk call stores the text K/V
@@ -205,12 +211,7 @@ def test_compact_text_keeps_the_cross_attention_and_fills_fewer_keys():
 
     def chunks(compact: bool, prefill: bool):
         model.set_compact_text(compact, bucket=8)
-        kv.reset()
-        cross.reset()
-        if prefill:
-            model.fill_crossattn_cache(context, cross)
-        return torch.cat([model(x[:, f : f + 2], t[:, f : f + 2], context, kv_cache=kv, frame_offset=f, crossattn_cache=cross)
-                          for f in (0, 2)], dim=1)
+        return two_chunks(model, x, t, context, kv, cross, prefill)
 
     with torch.no_grad():
         plain = chunks(False, prefill=True)
