@@ -79,8 +79,8 @@ class ChunkGraphs:
 
     def fill_crossattn_cache(self, context: torch.Tensor, cache: CrossAttnCache) -> None:
         """Fill the cross-attention cache: eagerly while its buffers do not exist yet (the first prompt
-        batch allocates them), then through a graph that writes into them (about 300 small kernels,
-        which the host takes ~4 ms to launch one by one, before the first chunk can start)."""
+        batch allocates them), then through a graph that writes into them: its few hundred small kernels,
+        launched one by one, would hold the host back before the first chunk can start."""
         context = self.generator.prepare_text(context, cache)  # eager: compacting reads the prompts' lengths
         if cache.context is None or cache.context.shape[0] != context.shape[0] or cache.kv[0] is None:
             self.generator.store_text_kv(context, cache)

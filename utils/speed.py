@@ -20,16 +20,16 @@ log = logging.getLogger(__name__)
 @dataclass
 class SpeedSchema:
     """configs/inference.yaml's `speed:` block; each key: null (on for CUDA) | true | false. The
-    defaults are null for the levers measured faster on an H100 (README, Performance), false otherwise."""
+    defaults are null for the levers that make inference faster (docs/performance.md), false otherwise."""
 
-    cudnn_attention: Optional[bool] = False  # SDPA pinned to cuDNN's attention; off: torch 2.11 on an H100 already picks it
+    cudnn_attention: Optional[bool] = False  # SDPA pinned to cuDNN's attention; off: torch already picks it
     fa4_attention: Optional[bool] = None  # FlashAttention-4 (pip install flash-attn-4) for self-attention; null: on where it runs
     compact_text: Optional[bool] = None  # cross-attention over each prompt's tokens + 3 rows for its padding (exact: log N key bias)
     fused_elementwise: Optional[bool] = None  # torch.compile the blocks' norms, modulation, RoPE, gated residuals
     cuda_graphs: Optional[bool] = None  # capture one CUDA graph per chunk position and replay it
     vae_channels_last: Optional[bool] = None  # channels-last 3-D convolutions in the VAE decoder
     vae_fused_norm: Optional[bool] = None  # torch.compile the VAE's RMS norm + SiLU (residual blocks, output heads)
-    vae_stacked_conv: Optional[bool] = False  # the VAE decoder's 3-D convolutions as 2-D ones over stacked frames; off: measured slower, +0.9 GiB
+    vae_stacked_conv: Optional[bool] = False  # the VAE decoder's 3-D convolutions as 2-D ones over stacked frames; off: slower, more memory
     cudnn_benchmark: Optional[bool] = None  # let cuDNN time its convolution algorithms once per shape
     vae_implicit_padding: Optional[bool] = None  # the VAE decoder's other convs (the full-resolution head) pad spatially themselves
     vae_fused_block: Optional[bool] = None  # the VAE decoder's residual blocks: bias + norm + SiLU and bias + residual compiled, lean memory
@@ -98,8 +98,8 @@ def apply_levers(generator, vae, levers: dict[str, bool]):
         elif levers[lever]:
             raise ValueError(f"speed.{lever}=true, but {type(vae).__name__} is no convolutional VAE; set it to false")
     torch.backends.cudnn.benchmark = levers["cudnn_benchmark"]  # process-wide, as cuDNN's autotuner is
-    # and time every algorithm cuDNN offers, not torch's default first 10: at the decoder's full-resolution
-    # 96-channel convolutions the 11th-or-later is 1.5x faster on an H100 (2.10 -> 1.40 ms)
+    # and time every algorithm cuDNN offers, not torch's default first 10: the fastest kernel for the
+    # decoder's full-resolution 96-channel convolutions is past the 10th (docs/performance.md)
     torch.backends.cudnn.benchmark_limit = 0 if levers["cudnn_benchmark"] else 10
     runner = ChunkGraphs(generator) if levers["cuda_graphs"] else generator
     stream = torch.cuda.Stream(priority=-1) if levers["decode_stream"] else None  # high priority: frames out first

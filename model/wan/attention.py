@@ -23,16 +23,15 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 BACKENDS = ("sdpa", "cudnn", "flash_attn", "fa4")
-# With "fa4", attention over fewer keys than this runs on cuDNN instead: the cross-attention's 512
-# text tokens (0.074 ms on cuDNN, 0.128 ms on FA4 for a 3-frame chunk on an H100); every
-# self-attention of a Wan-1.3B chunk or clip (4,680 keys and more) is faster on FA4
-# (scripts/bench_attention.py, README: Performance).
+# With "fa4", attention over fewer keys than this runs on cuDNN instead: FA4 loses on the
+# cross-attention's 512 text tokens and wins on every self-attention of a Wan-1.3B chunk or clip
+# (4,680 keys and more; scripts/bench_attention.py, numbers in docs/performance.md).
 FA4_MIN_KEYS = 2048
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """"auto" is cuDNN's fused attention where it runs (CUDA, bf16 / fp16; measured faster for training
-    on an H200, README: Scaling out), else SDPA; any other name is returned as it is."""
+    """"auto" is cuDNN's fused attention where it runs (CUDA, bf16 / fp16: faster training steps,
+    docs/performance.md), else SDPA; any other name is returned as it is."""
     if backend != "auto":
         return backend
     return "cudnn" if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) else "sdpa"

@@ -209,7 +209,7 @@ class WanDiT(WanTransformer3DModel):
 
     def set_compiled_blocks(self, compiled: bool) -> None:
         """Run each block of a chunk call (KV cache) as one torch.compile'd graph: the rollout's many
-        short calls are bound by the host's per-operator work (README: Scaling out). One graph serves
+        short calls are bound by the host's per-operator work (docs/performance.md). One graph serves
         every layer and, once the cache length has varied, every chunk position (dynamic shapes);
         the backward of a grad call is compiled too. For training: CUDA-graph capture (inference's
         cuda_graphs lever) must not meet a first call's compilation."""

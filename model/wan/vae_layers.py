@@ -53,7 +53,7 @@ def bias_norm_silu_into(out: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor,
 
 # Static shapes: one graph per channel count, resolution and frame count the decoder feeds them (about
 # 20 each). With symbolic shapes inductor cannot size the norm's reduction over channels and emits a
-# looped two-pass kernel, which profiled 2.5x slower on an H100 than the one-pass kernels it emits here.
+# looped two-pass kernel, much slower than the one-pass kernels it emits here (docs/performance.md).
 _compiled_bias_norm_silu = torch.compile(bias_norm_silu, fullgraph=True, dynamic=False)
 # compiled, the copy is the norm kernel's own store: the normed frames are written once, in place
 _compiled_bias_norm_silu_into = torch.compile(bias_norm_silu_into, fullgraph=True, dynamic=False)
