@@ -95,6 +95,16 @@ def test_vae_shapes_and_normalisation(vae):
         vae.decode(torch.zeros(1, 4, 2, 2, 2))  # [B, C, F, H, W] by mistake
 
 
+# The streamed and the whole-clip decode do the same arithmetic on different clip lengths, and the CPU's
+# convolution kernels (oneDNN) choose their blocking, hence the order of each sum, by shape and by the
+# instruction set (AVX2 or AVX-512): results agree to float32 rounding, not bit for bit. Each of the
+# decoder's ~10 convolutions may round its sums differently by a few ulps (float32 eps 1.2e-7) at the
+# activations' scale (|x| <= ~4 here), which compounds to a few 1e-6 at the output (|x| <= 1); 1e-5
+# bounds that, while a streaming defect (a wrong or missing cached frame) errs by 1e-2 or more. Bit equality is asserted where the arithmetic
+# is the same: the same chunks decoded twice.
+DECODE_ATOL = 1e-5
+
+
 @pytest.mark.parametrize("split", [[1] * 7, [3, 3, 1], [1, 3, 3], [2, 1, 4]], ids=lambda s: "-".join(map(str, s)))
 def test_streaming_decode_equals_whole_clip(vae, split):
     latents = torch.randn(2, sum(split), Z_DIM, 2, 3, generator=torch.Generator().manual_seed(1))
@@ -110,14 +120,17 @@ def test_streaming_decode_equals_whole_clip(vae, split):
         assert chunks[-1].shape[1] == expected
         start += size
     streamed = torch.cat(chunks, dim=1)
-    assert (streamed - whole).abs().max().item() == 0.0 and torch.equal(streamed, whole)
+    assert (streamed - whole).abs().max().item() <= DECODE_ATOL
 
     # The cache is the stream's own: a whole-clip decode in between does not disturb it, and
-    # reset() starts a new clip.
+    # reset() starts a new clip: the same chunks give the same bits again.
     stream.reset()
     first = stream.decode(latents[:, :1])
     vae.decode(latents)
-    assert torch.equal(torch.cat([first, stream.decode(latents[:, 1:])], dim=1), whole)
+    again = torch.cat([first, stream.decode(latents[:, 1:])], dim=1)
+    assert (again - whole).abs().max().item() <= DECODE_ATOL
+    stream.reset()
+    assert torch.equal(torch.cat([stream.decode(latents[:, a:a + n]) for a, n in zip([0, *torch.tensor(split).cumsum(0)[:-1].tolist()], split)], dim=1), streamed)
 
 
 def test_streaming_decode_wan22_style_vae(tmp_path):
@@ -134,7 +147,7 @@ def test_streaming_decode_wan22_style_vae(tmp_path):
     assert whole.shape == (1, 25, 3, 32, 32)
     stream = vae22.stream_decoder(batch_size=1)
     streamed = torch.cat([stream.decode(latents[:, a:b]) for a, b in ((0, 1), (1, 4), (4, 7))], dim=1)
-    assert torch.equal(streamed, whole)
+    assert (streamed - whole).abs().max().item() <= DECODE_ATOL
 
 
 def test_streaming_decode_rejects_wrong_batch(vae):
