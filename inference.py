@@ -13,8 +13,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from utils.distributed import log0
-from utils.inference import run
-from utils.student import group_overrides
+from engine.inference import run
+from engine.student import group_overrides
 
 
 @hydra.main(config_path="configs", config_name="inference", version_base="1.3")

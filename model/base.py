@@ -3,18 +3,21 @@
 A method (DMD, SiD, CausVid) receives its networks already built: the generator (block-causal
 student), the real score (frozen teacher), the fake score (critic), the text encoder and the VAE.
 Every network is called the Wan way, `net(x [B, F, C, H, W], timestep [B, F], context) -> flow`.
-Subclasses implement `generator_loss(batch)` and `critic_loss(batch)`, each returning
-`(loss, logs)`; a batch is a dict with `prompts` (list of str) and, for data-based methods, `latents`.
+What a method trains, and how, it declares (model/contract.py): `networks` and `phases`; the
+default is Self Forcing's, a generator phase every `dfake_gen_update_ratio` steps and a critic
+phase every step. Each phase's loss returns `(loss, logs)`; a batch is a dict with `prompts`
+(list of str) and, for data-based methods, `latents` / `video` / `ode`.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 
+from model.contract import Network, Phase, check_contract
 from model.schedule import FlowSchedule
 from model.wan.attention import CausalPattern
 from pipeline.rollout import chunk_starts, draw_exit_steps, rollout
@@ -68,27 +71,70 @@ class MethodConfig:
         return CausalPattern(self.num_frame_per_block, self.independent_first_frame, self.local_attn_size, self.sink_size)
 
 
-class SelfForcingModel(torch.nn.Module):
-    has_critic = True  # whether the method trains the fake score
+class RolloutParts:
+    """What the block-causal rollout needs besides the generator, shared by training and inference
+    (engine/student.py): the schedule, the warped step list, the block pattern, text encoding."""
 
-    def __init__(self, generator, real_score, fake_score, text_encoder, vae, cfg: MethodConfig, latent_shape):
-        super().__init__()
-        self.generator, self.real_score, self.fake_score = generator, real_score, fake_score
-        self.text_encoder, self.vae = text_encoder, vae
+    cfg: MethodConfig
+    generator: torch.nn.Module
+    text_encoder: torch.nn.Module
+
+    def init_rollout(self, cfg: MethodConfig, latent_shape) -> None:
         self.cfg = cfg
         self.latent_shape = tuple(latent_shape)  # (C, H, W) of one latent frame
         self.schedule = FlowSchedule(cfg.timestep_shift)
         self.steps = self.schedule.denoising_steps(cfg.denoising_step_list, cfg.warp_denoising_step)
         self.pattern = cfg.pattern
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.generator.parameters()).device
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings on the generator's device, in its parameters' dtype."""
+        param = next(self.generator.parameters())
+        return self.text_encoder(prompts)["prompt_embeds"].to(device=param.device, dtype=param.dtype)
+
+    def pattern_for(self, num_frames: int) -> CausalPattern:
+        """The generator's pattern for a clip: past the training length, a rolling window of that length."""
+        pattern = self.pattern
+        if num_frames <= self.cfg.num_training_frames or pattern.windowed:
+            return pattern
+        return replace(pattern, local_attn_size=self.cfg.num_training_frames)
+
+
+class SelfForcingModel(torch.nn.Module, RolloutParts):
+    # The contract (model/contract.py), in build order: the frozen parts, then the trained networks.
+    networks = {
+        "text_encoder": Network("text_encoder", build="text_encoder"),
+        "vae": Network("vae", build="vae", shard=False),
+        "teacher": Network("real_score", build="teacher"),
+        "generator": Network("generator", build="generator", trained=True, ema=True),
+        "critic": Network("fake_score", build="critic", trained=True),
+    }
+    phases = (
+        Phase("generator", "generator_loss", ("generator",), every="dfake_gen_update_ratio"),
+        Phase("critic", "critic_loss", ("critic",)),
+    )
+    config_class = MethodConfig
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        check_contract(cls)  # a bad declaration fails at import, naming the method
+
+    def __init__(self, generator, real_score, fake_score, text_encoder, vae, cfg: MethodConfig, latent_shape, **extra):
+        super().__init__()
+        self.generator, self.real_score, self.fake_score = generator, real_score, fake_score
+        self.text_encoder, self.vae = text_encoder, vae
+        for attr, module in extra.items():  # networks a method declares beyond the standard five
+            setattr(self, attr, module)
+        self.init_rollout(cfg, latent_shape)
         for frames in {cfg.num_training_frames, cfg.min_num_frames, cfg.max_num_frames}:
             self.pattern.check_clip(frames)
         self.rng: SampleRNG | None = None  # device draws, one stream per sample; set by reseed()
         self.host_rng = random.Random(0)  # host choices (exit steps, rollout length), agreed across ranks
         self._negative: torch.Tensor | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.generator.parameters()).device
 
     def reseed(self, seed: int, step: int, phase: str, sample_ids: list[int]) -> None:
         """Seed the draws of one (micro-)batch.
@@ -102,11 +148,6 @@ class SelfForcingModel(torch.nn.Module):
         self.host_rng = random.Random(mix_seed(seed, step, phase))
 
     # ---------------------------------------------------------------- conditioning
-    @torch.no_grad()
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        param = next(self.generator.parameters())
-        return self.text_encoder(prompts)["prompt_embeds"].to(device=param.device, dtype=param.dtype)
-
     def negative(self, batch: int) -> torch.Tensor:
         """The negative-prompt embedding, computed once."""
         if self._negative is None:
@@ -180,7 +221,7 @@ class SelfForcingModel(torch.nn.Module):
 
     # ---------------------------------------------------------------- losses
     def generator_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} declares a generator phase but defines no generator_loss")
 
     def critic_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """Flow-matching denoising loss of the fake score on the generator's (detached) samples."""

@@ -8,14 +8,14 @@ Teacher forcing: chunk by chunk through the KV cache, each block seeing the clea
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from model.base import MethodConfig
 from model.dmd import DMD
 from model.wan.kv_cache import CrossAttnCache, KVCache
-from pipeline.rollout import chunk_starts
+from pipeline.rollout import chunk_starts, denoise_chunk, write_context
 
 
 @dataclass
@@ -26,6 +26,8 @@ class CausVidConfig(MethodConfig):
 class CausVid(DMD):
     config_class = CausVidConfig
     cfg: CausVidConfig
+    # both phases on data clips (clean latents, or pixel clips the VAE encodes), not on prompts alone
+    phases = tuple(replace(p, data=("videos",)) for p in DMD.phases)
 
     def block_timesteps(self, batch: int, num_frames: int) -> torch.Tensor:
         """[B, F]: one step of the step list per sample and block."""
@@ -42,16 +44,11 @@ class CausVid(DMD):
         outputs, starts = [], chunk_starts(self.pattern, frames)
         for start in starts:
             end = start + self.pattern.block_length(start)
-            flow = self.generator(noisy[:, start:end], t[:, start:end], context, kv_cache=cache, frame_offset=start, crossattn_cache=cross)
-            outputs.append(self.schedule.x0_from_flow(noisy[:, start:end], flow, t[:, start:end]))
-            if start != starts[-1]:
-                with torch.no_grad():  # the clean block becomes the context of the next ones
-                    clean = latents[:, start:end]
-                    c = self.cfg.context_noise
-                    if c > 0:
-                        clean = self.schedule.add_noise(clean, self.rng.randn_like(clean), c)
-                    ctx_t = torch.full(clean.shape[:2], float(c), device=clean.device)
-                    self.generator(clean, ctx_t, context, kv_cache=cache, frame_offset=start, crossattn_cache=cross)
+            outputs.append(denoise_chunk(self.generator, noisy[:, start:end], t[:, start:end], context, start,
+                                         schedule=self.schedule, kv_cache=cache, crossattn_cache=cross))
+            if start != starts[-1]:  # the clean block becomes the context of the next ones
+                write_context(self.generator, latents[:, start:end], context, start, schedule=self.schedule,
+                              context_noise=self.cfg.context_noise, rng=self.rng, kv_cache=cache, crossattn_cache=cross)
         return torch.cat(outputs, dim=1)
 
     def generate(self, batch: dict):

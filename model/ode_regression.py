@@ -12,12 +12,16 @@ import torch
 import torch.nn.functional as F
 
 from model.base import MethodConfig, SelfForcingModel
+from model.contract import Phase
 from pipeline.ode import euler_sample, sigma_grid
 
 
 class ODERegression(SelfForcingModel):
     config_class = MethodConfig
-    has_critic = False
+    # no critic: the generator alone, every step, on the teacher's recorded pairs or, for a teacher
+    # cheap enough to sample on the fly (the toy world's), on prompts
+    networks = {k: v for k, v in SelfForcingModel.networks.items() if k != "critic"}
+    phases = (Phase("generator", "generator_loss", ("generator",), data=("ode_pairs|prompts",)),)
 
     def teacher_trajectory(self, prompts: list[str], num_frames: int) -> torch.Tensor:
         """[B, S + 1, F, C, H, W]: the teacher's states at the S student steps, then its final clip."""
@@ -41,6 +45,3 @@ class ODERegression(SelfForcingModel):
         pred = self.schedule.x0_from_flow(noisy, self.generator(noisy, t, context, causal=self.pattern), t)
         loss = F.mse_loss(pred.float(), ode[:, -1].float())
         return loss, {"generator_loss": loss.detach()}
-
-    def critic_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        raise RuntimeError("ODE regression trains no critic")

@@ -86,9 +86,8 @@ def rollout(
         crossattn_cache = CrossAttnCache(generator.config.num_layers)
 
     def denoise(x, t, start):  # one generator call: x0 prediction for the chunk
-        timestep = torch.full(x.shape[:2], t, device=x.device, dtype=torch.float32)
-        flow = generator(x, timestep, context, kv_cache=kv_cache, frame_offset=start, crossattn_cache=crossattn_cache)
-        return schedule.x0_from_flow(x, flow, t)
+        return denoise_chunk(generator, x, t, context, start, schedule=schedule, kv_cache=kv_cache,
+                             crossattn_cache=crossattn_cache)
 
     outputs, grad_mask = [], torch.zeros(num_frames, dtype=torch.bool)
     for chunk, start in enumerate(starts):
@@ -107,12 +106,31 @@ def rollout(
         if on_chunk is not None:
             on_chunk(start, x0.detach())
         if start != starts[-1] or keep_cache:  # the context pass: write the clean chunk into the cache
-            with torch.no_grad():
-                clean = x0.detach()
-                if context_noise > 0:
-                    clean = schedule.add_noise(clean, _randn_like(clean, rng), context_noise)
-                denoise(clean, float(context_noise), start)
+            write_context(generator, x0, context, start, schedule=schedule, context_noise=context_noise, rng=rng,
+                          kv_cache=kv_cache, crossattn_cache=crossattn_cache)
     return Rollout(torch.cat(outputs, dim=1), grad_mask, exit_steps)
+
+
+def denoise_chunk(generator, x: torch.Tensor, t, context: torch.Tensor, start: int, *, schedule: FlowSchedule,
+                  kv_cache: KVCache, crossattn_cache: CrossAttnCache) -> torch.Tensor:
+    """One generator call on the chunk x [B, n, C, H, W] starting at frame `start`: its x0 prediction.
+
+    t: a float (one timestep for the chunk) or a [B, n] tensor (per sample and frame)."""
+    timestep = t if torch.is_tensor(t) else torch.full(x.shape[:2], t, device=x.device, dtype=torch.float32)
+    flow = generator(x, timestep, context, kv_cache=kv_cache, frame_offset=start, crossattn_cache=crossattn_cache)
+    return schedule.x0_from_flow(x, flow, timestep if torch.is_tensor(t) else t)
+
+
+@torch.no_grad()
+def write_context(generator, clean: torch.Tensor, context: torch.Tensor, start: int, *, schedule: FlowSchedule,
+                  context_noise: float, rng, kv_cache: KVCache, crossattn_cache: CrossAttnCache) -> None:
+    """The context pass: the finished chunk `clean`, noised to `context_noise`, runs once to write
+    its keys and values into the cache, so that later chunks attend to it (rollout, teacher forcing)."""
+    clean = clean.detach()
+    if context_noise > 0:
+        clean = schedule.add_noise(clean, _randn_like(clean, rng), context_noise)
+    denoise_chunk(generator, clean, float(context_noise), context, start, schedule=schedule, kv_cache=kv_cache,
+                  crossattn_cache=crossattn_cache)
 
 
 def _randn_like(x: torch.Tensor, rng) -> torch.Tensor:

@@ -26,7 +26,7 @@ from model.base import MethodConfig  # noqa: E402
 from model.wan.attention import fa4_attention, fa4_available  # noqa: E402
 from model.wan.text_encoder import WanTextEncoder  # noqa: E402
 from scripts.make_random_wan_folder import WAN_1_3B  # noqa: E402
-from utils.config import ModelSchema  # noqa: E402
+from engine.config import ModelSchema  # noqa: E402
 
 def geometry() -> dict:
     """Wan2.1-1.3B's sizes, from the DiT config, the model's latent shape, the method's chunking and the

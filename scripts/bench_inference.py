@@ -2,7 +2,7 @@
 
 Builds the student in memory with random weights (the real 1.3B DiT and Wan VAE configs; the UMT5
 encoder has the real width but one layer, see scripts/make_random_wan_folder.py, so its time is not
-UMT5-XXL's) and, for every configuration, times through `utils.inference.generate` (the code
+UMT5-XXL's) and, for every configuration, times through `engine.inference.generate` (the code
 inference.py runs):
 - text: encoding the prompt batch;
 - dit: the rollout alone (all chunks, steps and context passes), no decoding;
@@ -45,7 +45,7 @@ from model.wan.transformer import WanDiT  # noqa: E402
 from model.wan.vae import WanVAE  # noqa: E402
 from pipeline.cuda_graphs import ChunkGraphs  # noqa: E402
 from pipeline.rollout import rollout  # noqa: E402
-from utils.inference import Item, Student, generate  # noqa: E402
+from engine.inference import Item, Student, generate  # noqa: E402
 from utils.speed import LEVERS, SpeedSchema, apply_levers, resolve_levers  # noqa: E402
 
 OFF = dict.fromkeys(LEVERS, False)

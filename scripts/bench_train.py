@@ -4,8 +4,8 @@
       model.path=/tmp/wan-1.3b-random data.prompts.path=/tmp/prompts.txt --steps 4
 
 (`python scripts/bench_train.py ...` is world size 1 of the same code.) The networks are built and
-sharded exactly as train.py does (build_method, shard_method on the fsdp.* mesh); each step is the
-trainer's own `step_update` (rollout or sampling, loss, backward, clip, AdamW) on its own batch of
+sharded exactly as the trainer does (build_method, shard_method on the fsdp.* mesh); each step is the
+trainer's own `run_phase` (rollout or sampling, loss, backward, clip, AdamW) on its own batch of
 `batch_size` prompts per rank. The first `--warmup` steps of each kind are warm-up (kernels,
 compilation); the rest are timed with device synchronisation. Printed on rank 0, as JSON: median step
 times per kind, every step's time and exit step, peak memory per GPU, and tokens/s (latent tokens of
@@ -31,13 +31,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hydra.utils import instantiate  # noqa: E402
-
-import train  # noqa: E402
-from utils.build import Batches, build_method, build_optimizer, pick_device  # noqa: E402
-from utils.config import compose_checked  # noqa: E402
-from utils.distributed import all_gather_object, destroy, init_distributed, single_process_group  # noqa: E402
-from utils.fsdp import build_mesh, mesh_shape, shard_method  # noqa: E402
+from engine.build import build_method, build_optimizer, shard_method  # noqa: E402
+from engine.config import compose_checked  # noqa: E402
+from engine.config import optim_config  # noqa: E402
+from engine.trainer import DataSources, Optimized, run_phase  # noqa: E402
+from utils.distributed import all_gather_object, destroy, init_distributed, pick_device, single_process_group  # noqa: E402
+from utils.fsdp import build_mesh, mesh_shape  # noqa: E402
 from utils.rng import seed_everything  # noqa: E402
 
 
@@ -65,16 +64,16 @@ def force_exit_steps(method, schedule: list[int]):
 
 
 def build_sharded(cfg, dist):
-    """(device, method, batches): the networks built and sharded as train.py does, and the prompt batches."""
+    """(device, method, data): the networks built and sharded as the trainer does, and its data sources."""
     device = pick_device(cfg, dist.local_rank)
     seed_everything(cfg.seed, 0)  # random weights (model.path folders hold fixed ones): the same on every rank
     method = build_method(cfg, device)
     shard_method(method, cfg, build_mesh(cfg.fsdp, dist))
-    return device, method, Batches(instantiate(cfg.data.prompts), cfg.batch_size, dist.world_size, 1)
+    return device, method, DataSources(cfg.data, cfg.batch_size, dist.world_size, 1)
 
 
 def bench(cfg, dist, steps: int, warmup: int = 1, exit_schedule: list[int] | None = None) -> dict:
-    device, method, batches = build_sharded(cfg, dist)
+    device, method, data = build_sharded(cfg, dist)
     cuda = device.type == "cuda"
     global_tokens = clip_tokens(cfg, method) * cfg.batch_size * dist.world_size
     result = {
@@ -88,20 +87,26 @@ def bench(cfg, dist, steps: int, warmup: int = 1, exit_schedule: list[int] | Non
     set_call = force_exit_steps(method, exit_schedule) if exit_schedule else None
     if exit_schedule:
         warmup = max(warmup, len(exit_schedule))
-    for phase, net, optim_cfg in (("generator", method.generator, cfg.generator_optim),
-                                  ("critic", method.fake_score, cfg.critic_optim)):
-        opt, sched = build_optimizer(net.parameters(), optim_cfg, warmup + steps)
+    networks = type(method).networks
+    for phase_spec in type(method).phases:
+        phase = phase_spec.name
+        # fresh optimizers per phase: the previous phase's AdamW state is freed, so the peak is one
+        # network's optimizer state, as this benchmark has always measured (training holds both)
+        optimized = {name: Optimized(getattr(method, spec.attr),
+                                     *build_optimizer(getattr(method, spec.attr).parameters(), optim_config(cfg, name),
+                                                      warmup + steps), optim_config(cfg, name))
+                     for name, spec in networks.items() if spec.trained}
         times, exits = [], []
         for step in range(warmup + steps):
-            ids = batches.sample_ids(step, 0, dist.rank)
+            ids, _ = data.get(phase_spec.data, step, 0, dist.rank)
             if set_call:  # warm-up steps run every exit step once; timed steps cycle from the first
                 set_call(step if step < warmup else step - warmup)
-            method.reseed(cfg.seed, step, phase, ids)  # the draws step_update will make (it reseeds the same way)
+            method.reseed(cfg.seed, step, phase, ids)  # the draws run_phase will make (it reseeds the same way)
             exits.append(method.plan_rollout()[1][0])
             if cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            logs = train.step_update(method, phase, net, opt, sched, batches, step, cfg, dist, 1)
+            logs = run_phase(method, phase_spec, optimized, data, step, cfg.seed, dist, 1)
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)

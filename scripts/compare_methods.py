@@ -5,7 +5,7 @@ Trains, one after another in this process (CPU is fine), from the same initial w
 teacher forcing, CausVid with diffusion forcing, and ODE regression on the exact teacher's ODE.
 Every method gets the same training steps, batch size and generator/critic update ratio, read from
 the composed config (configs/config.yaml) after the overrides. Each run evaluates its final
-generator with the training evaluation (utils/evaluation.py, utils/toy_metrics.py): match rate,
+generator with the training evaluation (engine/evaluation.py, utils/toy_metrics.py): match rate,
 coverage, mean distance and per-frame error at the training length and at
 data.metrics.long_num_frames (rolling KV cache); the exact teacher's 50-step row comes from the
 same runs (every run writes it, on the same seeds; they are checked to agree).
@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from utils import config as config_schema  # noqa: E402  (registers the schema)
+from engine import config as config_schema  # noqa: E402  (registers the schema)
 from utils.distributed import log0  # noqa: E402
 
 
@@ -102,9 +102,9 @@ def compose_all(names: list[str], overrides: list[str], steps: int | None) -> di
         for name in names:
             m = METHODS[name]
             cfg = compose("config", overrides=[*m.overrides, *RUN_DEFAULTS, *tail])
-            if cfg.method._target_ != m.target or cfg.method.teacher_forcing != m.teacher_forcing:
+            if cfg.method._target_ != m.target or cfg.method.get("teacher_forcing", False) != m.teacher_forcing:
                 raise SystemExit(f"{name}: the overrides composed method._target_={cfg.method._target_}, "
-                                 f"teacher_forcing={cfg.method.teacher_forcing}, expected {m.target}, "
+                                 f"teacher_forcing={cfg.method.get('teacher_forcing', False)}, expected {m.target}, "
                                  f"teacher_forcing={m.teacher_forcing} (does an experiment preset set the method?)")
             if cfg.data.metrics is None:
                 raise SystemExit("the comparison scores samples against the toy world's truth: it needs data=toy")
@@ -123,13 +123,12 @@ def compose_all(names: list[str], overrides: list[str], steps: int | None) -> di
 
 
 def updates(cfg: DictConfig) -> tuple[int, int]:
-    """(generator, critic) updates of a run, as train.py makes them."""
-    from hydra.utils import get_class
+    """(generator, critic) updates of a run, as the trainer makes them (engine/trainer.py updates_of)."""
+    from engine.config import method_class
+    from engine.trainer import updates_of
 
-    from train import generator_updates
-
-    has_critic = get_class(cfg.method._target_).has_critic
-    return generator_updates(cfg, has_critic), cfg.max_steps if has_critic else 0
+    phases = method_class(cfg).phases
+    return updates_of(cfg, phases, "generator"), updates_of(cfg, phases, "critic")
 
 
 def read_records(run_dir: Path, step: int) -> tuple[dict, dict]:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hydra.utils import instantiate  # noqa: E402
 
-from utils.config import compose_checked  # noqa: E402
+from engine.config import compose_checked  # noqa: E402
 from utils.data import fill_shards, placement, shard_script_parser  # noqa: E402
 from utils.distributed import barrier, log0  # noqa: E402
 

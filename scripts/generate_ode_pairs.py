@@ -30,8 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.ode_regression import ODERegression  # noqa: E402
-from utils.build import DTYPES, build_method  # noqa: E402
-from utils.config import compose_checked  # noqa: E402
+from engine.build import DTYPES, build_method  # noqa: E402
+from engine.config import compose_checked  # noqa: E402
 from utils.data import PromptFile, fill_shards, placement, shard_script_parser  # noqa: E402
 from utils.distributed import barrier, log0  # noqa: E402
 
@@ -73,7 +73,7 @@ def generate_ode_pairs(cfg: DictConfig, prompts: Sequence[str], out: str | Path,
     """
     rank, world_size, device = placement(cfg, rank, world_size, device)
     built = build_method(cfg, device)
-    # The run's networks, viewed as ODE regression for its teacher_trajectory (as utils/warm_start.py does).
+    # The run's networks, viewed as ODE regression for its teacher_trajectory (as engine/warm_start.py does).
     method = ODERegression(built.generator, FloatEuler(built.real_score), built.fake_score, built.text_encoder,
                            built.vae, built.cfg, built.latent_shape)
     num_samples = len(prompts) if num_samples is None else num_samples

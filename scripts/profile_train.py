@@ -28,11 +28,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import train  # noqa: E402
 from scripts.bench_train import build_sharded, force_exit_steps  # noqa: E402
 from scripts.profile_inference import kind_of  # noqa: E402
-from utils.build import build_optimizer  # noqa: E402
-from utils.config import compose_checked  # noqa: E402
+from engine.build import build_optimizer  # noqa: E402
+from engine import trainer  # noqa: E402
+from engine.config import optim_config  # noqa: E402
+from engine.trainer import Optimized, run_phase  # noqa: E402
+from engine.config import compose_checked  # noqa: E402
 from utils.distributed import destroy, init_distributed, single_process_group  # noqa: E402
 
 PHASES = ("text", "rollout fwd no-grad", "rollout fwd grad", "scores", "backward", "clip", "optimizer", "reshard")
@@ -54,7 +56,7 @@ def annotated(method, optimizers):
 
     undo = [wrap(method, "encode", "text"), wrap(method, "guided_x0", "scores"),
             wrap(torch.Tensor, "backward", "backward"), wrap(torch.nn.utils, "clip_grad_norm_", "clip"),
-            wrap(train, "reshard", "reshard")]
+            wrap(trainer, "reshard", "reshard")]
     undo += [wrap(opt, "step", "optimizer") for opt in optimizers]
     open_ranges, handles = [], []
 
@@ -184,17 +186,20 @@ def main(argv=None) -> None:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "exit_step": args.exit_step, "overrides": args.overrides}
     try:
-        _, method, batches = build_sharded(cfg, dist)
+        _, method, data = build_sharded(cfg, dist)
         force_exit_steps(method, [args.exit_step])
-        nets = {"generator": method.generator, "critic": method.fake_score}
-        optims = {phase: build_optimizer(net.parameters(), cfg.generator_optim if phase == "generator" else cfg.critic_optim,
-                                         args.warmup + 1) for phase, net in nets.items()}
+        networks = type(method).networks
+        optimized = {name: Optimized(getattr(method, spec.attr),
+                                     *build_optimizer(getattr(method, spec.attr).parameters(), optim_config(cfg, name),
+                                                      args.warmup + 1), optim_config(cfg, name))
+                     for name, spec in networks.items() if spec.trained}
+        phases = {p.name: p for p in type(method).phases}
         for phase in args.phases.split(","):
-            opt, sched = optims[phase]
+            spec = phases[phase]
+            opt = optimized[spec.updates[0]].optimizer
 
             def one_step(step):
-                method.reseed(cfg.seed, step, phase, batches.sample_ids(step, 0, dist.rank))
-                train.step_update(method, phase, nets[phase], opt, sched, batches, step, cfg, dist, 1)
+                run_phase(method, spec, optimized, data, step, cfg.seed, dist, 1)
 
             for step in range(args.warmup):
                 one_step(step)

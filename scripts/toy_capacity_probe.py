@@ -29,9 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hydra.utils import instantiate  # noqa: E402
 
 from model.toy.world import ToyWorld  # noqa: E402
-from utils.build import Batches, build_method, pick_device  # noqa: E402
-from utils.config import compose_checked  # noqa: E402
-from utils.evaluation import sample  # noqa: E402
+from engine.build import build_method  # noqa: E402
+from utils.data import Batches  # noqa: E402
+from utils.distributed import pick_device  # noqa: E402
+from engine.config import compose_checked  # noqa: E402
+from engine.evaluation import sample  # noqa: E402
 from utils.toy_metrics import evaluate, match_rule, pairwise_distance  # noqa: E402
 
 def oracle_loss(video: torch.Tensor, prompts: list[str], world: ToyWorld,
@@ -51,8 +53,8 @@ def oracle_loss(video: torch.Tensor, prompts: list[str], world: ToyWorld,
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--lr", type=float, default=None, help="default: generator_optim.lr of the config")
-    p.add_argument("--beta1", type=float, default=None, help="default: generator_optim.betas[0] of the config")
+    p.add_argument("--lr", type=float, default=None, help="default: optim.generator.lr of the config")
+    p.add_argument("--beta1", type=float, default=None, help="default: optim.generator.betas[0] of the config")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("overrides", nargs="*", help="Hydra overrides of the training config")
     args = p.parse_args(argv)
@@ -63,7 +65,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(cfg.seed)
     method = build_method(cfg, device)
     world = method.real_score.world
-    optim = cfg.generator_optim
+    optim = cfg.optim.generator
     betas = (optim.betas[0] if args.beta1 is None else args.beta1, optim.betas[1])
     opt = torch.optim.AdamW(method.generator.parameters(), lr=args.lr or optim.lr, betas=betas,
                             weight_decay=optim.weight_decay)

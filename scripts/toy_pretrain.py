@@ -26,11 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-import utils.config  # noqa: E402,F401
-from utils.build import Batches, build_method, build_optimizer, pick_device  # noqa: E402
-from utils.evaluation import sample  # noqa: E402
+import engine.config  # noqa: E402,F401
+from engine.build import build_method, build_optimizer  # noqa: E402
+from utils.data import Batches  # noqa: E402
+from utils.distributed import pick_device  # noqa: E402
+from engine.evaluation import sample  # noqa: E402
 from utils.toy_metrics import evaluate  # noqa: E402
-from utils.warm_start import WarmStart  # noqa: E402
+from engine.warm_start import WarmStart  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -13,16 +13,16 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file, save_file
 
 import train
-import utils.inference as inference
-import utils.student as student
+import engine.inference as inference
+import engine.student as student
 from tests.dist_setup import spawn_ranks
 from model.wan.transformer import WanDiT
 from model.wan.weights import diffusers_to_wan, load_strict, read_state_dict
 from tests.train_setup import CONFIGS, TINY, compose_config
-from utils.build import build_method
+from engine.build import build_method
 from utils.checkpoint import find_checkpoint
-from utils.config import validate
-from utils.evaluation import sample
+from engine.config import validate
+from engine.evaluation import sample
 
 # The tiny run's model / method / data, for a .pt whose config comes from the groups.
 TINY_GROUPS = [o for o in TINY if o.split(".")[0] in student.GROUPS]

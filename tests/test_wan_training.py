@@ -21,8 +21,9 @@ from scripts.generate_ode_pairs import generate_ode_pairs
 from scripts.generate_ode_pairs import main as generate_ode_pairs_cli
 from tests.train_setup import compose_config
 from tests.wan_folder import Z_DIM, tiny_wan_folder  # noqa: F401  (session fixture)
-from utils.build import Batches, build_method
-from utils.config import validate
+from engine.build import build_method
+from utils.data import Batches
+from engine.config import validate
 from utils.data import LatentShards, ODEPairShards, PromptFile
 from utils.sample_rng import SampleRNG
 
@@ -94,7 +95,7 @@ def test_two_self_forcing_dmd_steps_write_a_loadable_export(tiny_wan_folder, tmp
     train.train(cfg, run_dir)
     export = run_dir / "checkpoints" / "step_000002" / "export" / "model.safetensors"
     # One generator update in 2 steps (dfake_gen_update_ratio 5); Adam's first step moves weights by ~lr.
-    lr = cfg.generator_optim.lr
+    lr = cfg.optim.generator.lr
     assert abs(max_change(export, tiny_wan_folder) - lr) < 0.05 * lr
 
 
@@ -116,7 +117,7 @@ def test_ode_pairs_are_sharded_per_rank_and_train_the_student(tiny_wan_folder, t
     for a, b in zip(one, cli):
         assert torch.allclose(load_file(a)["ode"], load_file(b)["ode"], atol=1e-5)
 
-    pairs = instantiate(wan_config(tiny_wan_folder, f"data.prompts.path={tmp_path / 'one'}", preset="ode_init").data.prompts)
+    pairs = instantiate(wan_config(tiny_wan_folder, f"data.ode_pairs.path={tmp_path / 'one'}", preset="ode_init").data.ode_pairs)
     assert isinstance(pairs, ODEPairShards) and len(pairs) == 3 and pairs.prompts == PROMPTS
     item = pairs[2]
     assert item["prompts"] == PROMPTS[2] and item["ode"].shape == (3, 2, Z_DIM, H, W)  # [S+1, F, C, H, W]
@@ -138,8 +139,8 @@ def test_ode_pairs_are_sharded_per_rank_and_train_the_student(tiny_wan_folder, t
 
     # 2 ODE-regression steps on the pairs (never on the fly), from the Wan weights, at lr 1e-3.
     monkeypatch.setattr(ODERegression, "teacher_trajectory", lambda *a: pytest.fail("sampled on the fly"))
-    cfg = wan_config(tiny_wan_folder, f"data.prompts.path={tmp_path / 'one'}", "generator_optim.lr=1e-3",
-                     "generator_optim.weight_decay=0", *overrides, preset="ode_init")
+    cfg = wan_config(tiny_wan_folder, f"data.ode_pairs.path={tmp_path / 'one'}", "optim.generator.lr=1e-3",
+                     "optim.generator.weight_decay=0", *overrides, preset="ode_init")
     validate(cfg)
     train.train(cfg, tmp_path / "ode_run")
     change = max_change(tmp_path / "ode_run" / "checkpoints" / "step_000002" / "export" / "model.safetensors", tiny_wan_folder)
@@ -251,7 +252,7 @@ def test_inference_streams_mp4s_from_the_wan_run(tiny_wan_folder, tmp_path):
     from hydra import compose, initialize_config_dir
 
     from tests.train_setup import CONFIGS
-    from utils import inference
+    from engine import inference
 
     cfg = wan_config(tiny_wan_folder, f"data.prompts.path={prompt_file(tmp_path)}", "model.text_encoder.text_len=16")
     run_dir = tmp_path / "run"

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-import utils.config  # noqa: F401  (registers the schema)
+import engine.config  # noqa: F401  (registers the schema)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

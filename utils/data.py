@@ -1,7 +1,7 @@
 """Training data on disk: prompt lists, and safetensors shards of video latents or ODE pairs.
 
 Every dataset here is map-style and returns item i the same way on every process. Sharding across
-ranks is Batches' job (utils/build.py): each rank asks for its own indices of each global batch,
+ranks is Batches' job (below): each rank asks for its own indices of each global batch,
 so there is no DistributedSampler, and the data position is the training step itself.
 
 Shard folders (written by scripts/encode_videos.py and scripts/generate_ode_pairs.py):
@@ -23,6 +23,7 @@ import argparse
 import bisect
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -91,8 +92,7 @@ def write_shard(folder: str | Path, first: int, key: str, tensor: torch.Tensor, 
 def placement(cfg, rank: int | None, world_size: int | None, device: torch.device | None):
     """(rank, world size, device) of a shard-writing job: given ones win, the rest come from torchrun."""
     if rank is None or world_size is None or device is None:
-        from utils.build import pick_device
-        from utils.distributed import init_distributed
+        from utils.distributed import init_distributed, pick_device
 
         dist = init_distributed()
         rank = dist.rank if rank is None else rank
@@ -230,3 +230,34 @@ class ODEPairShards(SafetensorShards):
                 f"denoising_step_list has {len(steps)} steps; make the pairs again with {self.made_by}"
             )
         super()._check(file, shape, settings, expect)
+
+
+@dataclass
+class Batches:
+    """Deterministic batches: the items of (step, micro-batch, rank) are a function of those alone.
+
+    The data position is the step itself, so resuming needs no sampler state; every global batch
+    is `total` consecutive indices (mod the dataset length), split across accumulation and ranks.
+    """
+
+    dataset: torch.utils.data.Dataset
+    batch_size: int
+    world_size: int
+    accumulation: int
+
+    def sample_ids(self, step: int, micro: int, rank: int) -> list[int]:
+        per_step = self.batch_size * self.world_size * self.accumulation
+        first = step * per_step + (micro * self.world_size + rank) * self.batch_size
+        return list(range(first, first + self.batch_size))
+
+    def get(self, step: int, micro: int, rank: int) -> tuple[list[int], dict]:
+        ids = self.sample_ids(step, micro, rank)
+        items = [self.dataset[i % len(self.dataset)] for i in ids]
+        if isinstance(items[0], str):
+            return ids, {"prompts": items}
+        # dict items: prompts as a list, every tensor ("video", "latents", "ode") stacked on a batch axis
+        batch = {"prompts": [it["prompts"] for it in items]}
+        for key in items[0]:
+            if key != "prompts":
+                batch[key] = torch.stack([it[key] for it in items])
+        return ids, batch

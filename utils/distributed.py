@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -156,3 +158,28 @@ def print0(*objs: Any) -> None:
 def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def pick_device(cfg, local_rank: int = 0) -> torch.device:
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was asked for but no CUDA device is available; use device=cpu or auto")
+    return torch.device("cuda", local_rank)
+
+
+def agree_run_dir(own: Path) -> Path:
+    """Rank 0's run directory, on every rank (a collective under torchrun).
+
+    Each rank composes its own config, so `${now:...}` in hydra.run.dir may differ between ranks
+    whose clocks or start times differ; checkpoints must not split across directories. A directory
+    Hydra made for this rank alone, holding nothing but Hydra's own files, is removed."""
+    agreed = Path(broadcast_object(str(own)))
+    if agreed.resolve() != own.resolve() and own.is_dir():
+        extra = [p.name for p in own.iterdir() if p.name != ".hydra" and p.suffix != ".log"]
+        if not extra:
+            shutil.rmtree(own, ignore_errors=True)
+        logger.warning("rank %d: run directory %s is rank 0's (this rank had composed %s%s)", get_rank(), agreed, own,
+                       "" if not extra else f"; it holds {extra} and was kept")
+    return agreed
+

@@ -1,10 +1,10 @@
 """FSDP2 for a distillation run: a device mesh, then `fully_shard` per transformer block and at the root.
 
 Applied to built networks before their optimisers exist (torchtitan's `parallelize` order); the
-model files know nothing about it. Every network with parameters is sharded the same way: the
-generator, the critic (fake score), the frozen teacher (real score) and the text encoder. Networks
-without parameters (the toy world's exact teacher and word-vector text encoder) have nothing to
-shard and stay as they are.
+model files know nothing about it. Every network a method declares sharded (model/contract.py) is
+sharded the same way: the generator, the critic (fake score), the frozen teacher (real score), the
+text encoder and any network a method adds. Networks without parameters (the toy world's exact
+teacher and word-vector text encoder) have nothing to shard and stay as they are.
 
 - Mesh: `fsdp.replicate` x `fsdp.shard` ranks. One dimension (replicate = 1) is plain FSDP; two
   are hybrid sharding (HSDP): each group of `shard` consecutive ranks (the GPUs of a node, as
@@ -31,11 +31,6 @@ from utils.distributed import Dist
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
-# config name -> the method's attribute holding that network
-NETWORKS = {"generator": "generator", "critic": "fake_score", "teacher": "real_score", "text_encoder": "text_encoder"}
-TRAINED = ("generator", "critic")
-
-
 def mesh_shape(replicate: int, shard: int | None, world_size: int) -> tuple[int, int]:
     """(replicate, shard) for a world size, with errors that name the keys to fix."""
     if replicate < 1 or world_size % replicate:
@@ -60,12 +55,14 @@ def build_mesh(fsdp_cfg, dist: Dist) -> DeviceMesh:
     return init_device_mesh(dist.device.type, (replicate, shard), mesh_dim_names=("replicate", "shard"))
 
 
-def block_modules(net: nn.Module) -> list[nn.Module]:
-    """The network's transformer blocks: modules whose class its `_no_split_modules` name (diffusers and
-    transformers declare them: WanTransformerBlock, UMT5Block), outermost only."""
-    names: set[str] = set()
-    for m in net.modules():
-        names.update(getattr(m, "_no_split_modules", None) or ())
+def block_modules(net: nn.Module, names: tuple[str, ...] = ()) -> list[nn.Module]:
+    """The network's transformer blocks: modules of the classes `names`, or by default those its
+    `_no_split_modules` name (diffusers and transformers declare them: WanTransformerBlock, UMT5Block),
+    outermost only."""
+    names = set(names)
+    if not names:
+        for m in net.modules():
+            names.update(getattr(m, "_no_split_modules", None) or ())
     blocks: list[nn.Module] = []
     inside: set[int] = set()
     for m in net.modules():  # parents come before their children
@@ -79,24 +76,24 @@ def block_modules(net: nn.Module) -> list[nn.Module]:
 
 
 def shard_network(net: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype | None,
-                  reshard_after_forward: bool, cpu_offload: bool) -> nn.Module:
+                  reshard_after_forward: bool, cpu_offload: bool, blocks: tuple[str, ...] = ()) -> nn.Module:
     """`fully_shard` each block, then the root (which takes the remaining parameters: embeddings, heads)."""
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     kwargs = dict(mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
                   offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
-    for block in block_modules(net):
+    for block in block_modules(net, blocks):
         fully_shard(block, **kwargs)
     fully_shard(net, **kwargs)
     return net
 
 
-def shard_method(method: nn.Module, cfg, mesh: DeviceMesh) -> None:
-    """Shard the method's networks in place (before building optimisers: they must hold the shards)."""
-    fsdp = cfg.fsdp
-    compute = DTYPES[cfg.model.dtype]
-    for name, attr in NETWORKS.items():
-        net = getattr(method, attr)
-        offload = bool(fsdp.cpu_offload[name]) if name in fsdp.cpu_offload else False
+def shard_networks(networks: list[tuple[str, nn.Module, bool, tuple[str, ...]]], fsdp, compute: torch.dtype,
+                   mesh: DeviceMesh) -> None:
+    """Shard (name, network, trained, block class names) in place, before their optimisers exist (they
+    must hold the shards). `fsdp` is the fsdp config; a network it does not name is resharded after
+    each forward and not offloaded."""
+    for name, net, trained, blocks in networks:
+        offload = bool(fsdp.cpu_offload.get(name, False))
         if not any(True for _ in net.parameters()):
             if offload:
                 raise ValueError(
@@ -106,11 +103,10 @@ def shard_method(method: nn.Module, cfg, mesh: DeviceMesh) -> None:
             continue
         if offload and mesh.device_type != "cuda":
             raise ValueError(f"fsdp.cpu_offload.{name}=true needs CUDA (it moves shards off the GPU); set it to false")
-        trained = name in TRAINED
         # trained: fp32 master shards gathered in model.dtype; frozen: already stored in model.dtype
         param_dtype = compute if trained and compute != torch.float32 else None
-        shard_network(net, mesh, param_dtype=param_dtype, reshard_after_forward=bool(fsdp.reshard_after_forward[name]),
-                      cpu_offload=offload)
+        shard_network(net, mesh, param_dtype=param_dtype, reshard_after_forward=bool(fsdp.reshard_after_forward.get(name, True)),
+                      cpu_offload=offload, blocks=tuple(blocks))
         if trained and hasattr(net, "autocast_dtype"):
             net.autocast_dtype = None  # FSDP gathers bf16 weights: no autocast on top
             net.wrapped_param_dtype = param_dtype

@@ -8,33 +8,43 @@ Component nodes that are built with `hydra.utils.instantiate` (`_target_`) are t
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from enum import Enum
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra.utils import get_class
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from model.base import MethodConfig
+from model.base import MethodConfig, SelfForcingModel
+from model.wan.attention import BACKENDS
 
 
-@dataclass
-class MethodSchema(MethodConfig):
-    """All method knobs (see model/base.py); a method rejects knobs of other methods."""
+class Choice(str, Enum):
+    """A key with a fixed set of values: Hydra refuses any other at compose time, naming the key.
+    Members compare and hash as their strings (`cfg.model.dtype == "float32"`)."""
 
-    _target_: str = "model.dmd.DMD"  # the method class
-    sid_alpha: float = 1.0  # SiD only
-    teacher_forcing: bool = False  # CausVid only: clean (true) or noisy (false) context
+    __str__ = str.__str__
+    __format__ = str.__format__
 
-    def __post_init__(self):  # checked in validate(), after all overrides are merged
-        pass
+
+Dtype = Choice("Dtype", {v: v for v in ("float32", "bfloat16")})
+AttentionBackend = Choice("AttentionBackend", {v: v for v in (*BACKENDS, "auto")})
+CheckpointPolicy = Choice("CheckpointPolicy", {v: v for v in ("full", "save_attention")})
+Schedule = Choice("Schedule", {v: v for v in ("constant", "cosine")})
+LoggerMode = Choice("LoggerMode", {v: v for v in ("online", "offline", "disabled")})
+Device = Choice("Device", {v: v for v in ("auto", "cpu", "cuda")})
+VideoFormat = Choice("VideoFormat", {v: v for v in ("mp4", "gif")})
 
 
 @dataclass
 class CheckpointPolicySchema:
     # with gradient checkpointing, per trained network: full (recompute the whole block) | save_attention
-    # (keep attention outputs, recompute the rest: fewer FLOPs, more memory, a dispatch mode per op)
-    generator: str = "full"
-    critic: str = "full"
+    # (keep attention outputs, recompute the rest: fewer FLOPs, more memory, a dispatch mode per op);
+    # a trained network not named here uses full
+    generator: CheckpointPolicy = CheckpointPolicy.full
+    critic: CheckpointPolicy = CheckpointPolicy.full
 
 
 @dataclass
@@ -48,8 +58,8 @@ class ModelSchema:
     generator_init: Optional[str] = None  # generator weights (export, .pt, folder); null = random
     critic_init: str = "teacher"  # teacher | generator | random | a weights file or folder: where the fake score starts
     latent_shape: list = field(default_factory=lambda: [16, 60, 104])  # (C, H, W) of a latent frame
-    dtype: str = "float32"  # float32 | bfloat16 for the trained networks
-    attention_backend: str = "sdpa"  # sdpa | cudnn | fa4 | flash_attn | auto (cudnn on CUDA in bf16 / fp16, else sdpa)
+    dtype: Dtype = Dtype.float32  # float32 | bfloat16 for the trained networks
+    attention_backend: AttentionBackend = AttentionBackend.sdpa  # sdpa | cudnn | fa4 | flash_attn | auto (cudnn on CUDA in bf16 / fp16, else sdpa)
     gradient_checkpointing: bool = False  # activation checkpointing per transformer block
     checkpoint_policy: CheckpointPolicySchema = field(default_factory=lambda: CheckpointPolicySchema())
     fused_elementwise: Optional[bool] = False  # norms, modulation and RoPE through torch.compile (model/wan/fused.py); null: on CUDA
@@ -60,9 +70,9 @@ class ModelSchema:
 class DataSchema:
     world: Any = None  # toy world (data=toy)
     prompts: Any = None  # dataset of prompt strings (self forcing)
-    videos: Any = None  # dataset of {"prompts", "video"} (CausVid)
+    videos: Any = None  # dataset of {"prompts", "video" or "latents"} (CausVid)
+    ode_pairs: Any = None  # dataset of {"prompts", "ode"}: the teacher's ODE trajectories (ODE regression)
     metrics: Any = None  # ground-truth evaluation settings (toy world)
-    num_workers: int = 0  # DataLoader workers
 
 
 @dataclass
@@ -73,7 +83,7 @@ class OptimSchema:
     eps: float = 1.0e-8  # AdamW epsilon
     grad_clip: float = 10.0  # max gradient norm (<= 0: no clipping)
     warmup_steps: int = 0  # linear warm-up of the learning rate, in updates of this optimizer
-    schedule: str = "constant"  # constant | cosine (to 0 at max_steps)
+    schedule: Schedule = Schedule.constant  # constant | cosine (to 0 at the last update)
     fused: Optional[bool] = None  # AdamW's fused kernel (one launch for all parameters); null: on CUDA, else foreach
 
 
@@ -95,7 +105,7 @@ class EvalSchema:
     every: int = 500  # steps between evaluations / sample videos (<= 0: only at the end)
     num_frames: Optional[int] = None  # frames of evaluation samples (null: num_training_frames)
     at_start: bool = True  # also evaluate the untrained student at step 0
-    video_formats: List[str] = field(default_factory=lambda: ["mp4", "gif"])  # sample grids written (mp4 needs imageio-ffmpeg)
+    video_formats: List[VideoFormat] = field(default_factory=lambda: [VideoFormat.mp4, VideoFormat.gif])  # sample grids written (mp4 needs imageio-ffmpeg)
 
 
 @dataclass
@@ -122,34 +132,57 @@ class FSDPSchema:
 
 @dataclass
 class LoggerSchema:
-    mode: str = "disabled"  # online | offline | disabled (wandb)
+    mode: LoggerMode = LoggerMode.disabled  # online | offline | disabled (wandb)
     project: str = "selfforcing"  # wandb project
     name: Optional[str] = None  # wandb run name (null: the run directory's name)
     every: int = 10  # steps between logged losses
 
 
 @dataclass
+class RenamedOptimSchema:
+    """generator_optim / critic_optim are now optim.generator / optim.critic: validate() names the new
+    key for any value set here, instead of Hydra's bare 'not in struct'."""
+
+    lr: Optional[float] = None
+    betas: Optional[List[float]] = None
+    weight_decay: Optional[float] = None
+    eps: Optional[float] = None
+    grad_clip: Optional[float] = None
+    warmup_steps: Optional[int] = None
+    schedule: Optional[str] = None
+    fused: Optional[bool] = None
+
+
+def _default_optim() -> dict:
+    return {"generator": OptimSchema(), "critic": OptimSchema(lr=4.0e-7)}
+
+
+@dataclass
 class TrainSchema:
     seed: int = 0  # base seed; noise is reseeded from (seed, rank, step)
-    max_steps: int = 1000  # training steps (each has a critic update)
+    max_steps: int = 1000  # training steps (each runs every phase whose period divides it)
     resume: Optional[str] = None  # null, "latest" (this run dir) or a run / step directory
     batch_size: int = 1  # micro-batch per GPU
     total_batch_size: Optional[int] = None  # batch_size x world size x accumulation (null: no accumulation)
-    dfake_gen_update_ratio: int = 5  # one generator update every this many steps
-    ema_weight: float = 0.99  # EMA decay of the generator (<= 0: no EMA)
-    ema_start_step: int = 200  # EMA starts (copies the generator) at this step
-    generator_optim: OptimSchema = field(default_factory=OptimSchema)
-    critic_optim: OptimSchema = field(default_factory=lambda: OptimSchema(lr=4.0e-7))
+    dfake_gen_update_ratio: int = 5  # one generator update every this many steps (methods with a critic)
+    ema_weight: float = 0.99  # EMA decay of the networks the method averages (<= 0: no EMA)
+    ema_start_step: int = 200  # EMA starts (copies the network) at this step
+    # one AdamW per trained network, by the network's name (model/contract.py); a network a method
+    # adds takes OptimSchema's defaults unless given, e.g. +optim.head.lr=1e-4
+    optim: Dict[str, Any] = field(default_factory=_default_optim)  # each entry checked as an OptimSchema
+    generator_optim: RenamedOptimSchema = field(default_factory=RenamedOptimSchema)  # renamed: optim.generator
+    critic_optim: RenamedOptimSchema = field(default_factory=RenamedOptimSchema)  # renamed: optim.critic
     warm_start: WarmStartSchema = field(default_factory=WarmStartSchema)  # for cheap teachers (toy world)
     checkpoint: CheckpointSchema = field(default_factory=CheckpointSchema)
     eval: EvalSchema = field(default_factory=EvalSchema)
     logger: LoggerSchema = field(default_factory=LoggerSchema)
     fsdp: FSDPSchema = field(default_factory=FSDPSchema)  # sharding over ranks (utils/fsdp.py)
-    method: MethodSchema = field(default_factory=MethodSchema)
+    # the method node: _target_ (the class) and its knobs, checked against the class's config_class
+    # (model/base.py MethodConfig and its subclasses) by validate(), so a method's knobs live in its file
+    method: Any = MISSING
     model: ModelSchema = field(default_factory=ModelSchema)
     data: DataSchema = field(default_factory=DataSchema)
-    experiment_name: str = "default"  # set by experiment presets, for logs
-    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    device: Device = Device.auto  # auto (cuda if available) | cpu | cuda
 
 
 def register() -> None:
@@ -158,40 +191,34 @@ def register() -> None:
 
 register()
 
-CHECKPOINT_POLICIES = ("full", "save_attention")
-_METHOD_ONLY = {"sid_alpha": "model.sid.SiD", "teacher_forcing": "model.causvid.CausVid"}
 
 
 def validate(cfg: DictConfig) -> None:
-    """Cross-field checks, with messages that say which key to fix and how."""
-    method = method_config(cfg)  # runs MethodConfig.__post_init__
-    defaults = MethodSchema()
-    for key, owner in _METHOD_ONLY.items():
-        if cfg.method[key] != getattr(defaults, key) and cfg.method._target_ != owner:
-            raise ValueError(f"method.{key} is a knob of {owner}, but method._target_ is {cfg.method._target_}")
-    for name in ("generator_optim", "critic_optim"):
-        optim = cfg[name]
-        if optim.schedule not in ("constant", "cosine"):
-            raise ValueError(f"{name}.schedule must be constant or cosine, got {optim.schedule!r}")
+    """Cross-field checks, with messages that say which key to fix and how (before anything is built)."""
+    cls = method_class(cfg)
+    method_config(cfg)  # the method's knobs against its own config class; runs its __post_init__
+    for old in ("generator_optim", "critic_optim"):
+        set_keys = [k for k, v in cfg[old].items() if v is not None]
+        if set_keys:
+            new = "optim." + old.removesuffix("_optim")
+            raise ValueError(f"{old}.{set_keys[0]} was renamed: use {new}.{set_keys[0]} ({old}.* is now {new}.*)")
+    trained = [name for name, net in cls.networks.items() if net.trained]
+    for name, optim in cfg.optim.items():
+        if name not in trained and name not in _default_optim():  # the defaults' groups may go unused (no critic)
+            raise ValueError(f"optim.{name}: {cls.__name__} trains no network {name!r}; its trained networks are {trained}")
+        optim = optim_config(cfg, name)
         if len(optim.betas) != 2:
-            raise ValueError(f"{name}.betas must hold two numbers, got {list(optim.betas)}")
-    bad = [f for f in cfg.eval.video_formats if f not in ("mp4", "gif")]
-    if bad:
-        raise ValueError(f"eval.video_formats may hold mp4 and gif, got {bad}")
-    if cfg.logger.mode not in ("online", "offline", "disabled"):
-        raise ValueError(f"logger.mode must be online, offline or disabled, got {cfg.logger.mode!r}")
-    if cfg.model.dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
-    from model.wan.attention import BACKENDS
-
-    if cfg.model.attention_backend not in (*BACKENDS, "auto"):
-        raise ValueError(f"model.attention_backend must be one of {(*BACKENDS, 'auto')}, got {cfg.model.attention_backend!r}")
-    for net, policy in cfg.model.checkpoint_policy.items():
-        if policy not in CHECKPOINT_POLICIES:
-            raise ValueError(f"model.checkpoint_policy.{net} must be one of {CHECKPOINT_POLICIES}, got {policy!r}")
+            raise ValueError(f"optim.{name}.betas must hold two numbers, got {list(optim.betas)}")
+    for phase in cls.phases:
+        phase.period(cfg)  # a str period names a config key: it must exist and be >= 1
+        for source in phase.data:
+            if not any(cfg.data.get(s) is not None for s in source.split("|")):
+                wanted = " or ".join(f"data.{s}" for s in source.split("|"))
+                raise ValueError(f"{cls.__name__}'s {phase.name} phase draws {wanted}, which this run's data config "
+                                 "does not set; pick a data group that provides it (data=toy, prompts, latents, ode_pairs)")
     if cfg.fsdp.replicate < 1 or (cfg.fsdp.shard is not None and cfg.fsdp.shard < 1):
         raise ValueError(f"fsdp.replicate and fsdp.shard must be >= 1 (shard may be null), got {cfg.fsdp.replicate}, {cfg.fsdp.shard}")
-    from utils.build import check_weight_folders
+    from engine.build import check_weight_folders
 
     check_weight_folders(cfg.model)  # before the checks below, so a missing Wan file is named with the layout
     if cfg.model.critic_init not in ("teacher", "generator", "random") and not Path(cfg.model.critic_init).exists():
@@ -204,17 +231,48 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError("dfake_gen_update_ratio and batch_size must be >= 1, max_steps >= 0")
     if len(cfg.model.latent_shape) != 3:
         raise ValueError(f"model.latent_shape must be [C, H, W], got {list(cfg.model.latent_shape)}")
-    del method
 
 
-def method_config(cfg: DictConfig) -> MethodConfig:
-    """The method's own config dataclass from the method node."""
-    from hydra.utils import get_class
+def optim_config(cfg: DictConfig, name: str) -> DictConfig:
+    """optim.<name> as a typed OptimSchema node: its keys over OptimSchema's defaults (a network a method
+    adds may have no entry: all defaults). A wrong key or type names optim.<name>.<key>."""
+    try:
+        return OmegaConf.merge(OmegaConf.structured(OptimSchema), cfg.optim.get(name) or {})
+    except OmegaConfBaseException as e:
+        raise ValueError(f"optim.{name}.{getattr(e, 'full_key', '')}: {str(e).splitlines()[0]}") from None
 
-    cls = get_class(cfg.method._target_)
-    config_cls = getattr(cls, "config_class", MethodConfig)
+
+def method_class(cfg: DictConfig) -> type[SelfForcingModel]:
+    """The class method._target_ names: a method (model.base.SelfForcingModel and its contract)."""
+    target = cfg.method.get("_target_") if isinstance(cfg.method, DictConfig) else None
+    if not target:
+        raise ValueError("method._target_ is not set: pick a method group (method=dmd, sid, causvid, ode_regression)")
+    cls = get_class(target)
+    if not (isinstance(cls, type) and issubclass(cls, SelfForcingModel)):
+        raise TypeError(f"method._target_={target} is not a method class (a subclass of model.base.SelfForcingModel)")
+    return cls
+
+
+def method_config(cfg: DictConfig, rollout_only: bool = False) -> MethodConfig:
+    """The method's config dataclass (its `config_class`) from the method node: the one place it is built.
+
+    Every knob is checked against that class, so an unknown key or a wrong type names the key and the
+    class. rollout_only: the rollout's knobs only (MethodConfig's), for inference from an export whose
+    method node may hold knobs of its training loss."""
     node = OmegaConf.to_container(cfg.method, resolve=True)
-    return config_cls(**{f.name: node[f.name] for f in fields(config_cls)})
+    if rollout_only:
+        known = {f.name for f in fields(MethodConfig)}
+        return MethodConfig(**{k: v for k, v in node.items() if k in known})
+    cls = method_class(cfg)
+    config_cls = cls.config_class
+    node.pop("_target_")
+    try:
+        OmegaConf.merge(OmegaConf.structured(config_cls), node)  # types and names, with the key in the message
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or str(e).splitlines()[0]
+        known = [f.name for f in fields(config_cls)]
+        raise ValueError(f"method.{key}: {str(e).splitlines()[0]} ({cls.__name__} takes {known})") from None
+    return config_cls(**node)  # the values as written (an int stays an int), defaults for the rest
 
 
 def accumulation_steps(cfg: DictConfig, world_size: int) -> int:
@@ -244,5 +302,5 @@ def compose_checked(overrides: list[str]) -> DictConfig:
     return cfg
 
 
-__all__ = ["TrainSchema", "validate", "method_config", "accumulation_steps", "compose_checked", "MISSING"]
+__all__ = ["TrainSchema", "validate", "method_class", "method_config", "optim_config", "accumulation_steps", "compose_checked", "MISSING"]
 

@@ -1,10 +1,10 @@
-"""Inference: load a trained student (utils/student.py), stream videos for (prompt, seed) items, write
+"""Inference: load a trained student (engine/student.py), stream videos for (prompt, seed) items, write
 mp4 + index.json.
 
 The generator runs through `pipeline.rollout.rollout`, the code training runs, and each finished
 chunk goes straight to the VAE's stream decoder, so the first frames exist after the first chunk.
 Item i (prompts in order, each with every seed in order) draws its noise from the stream
-`SampleRNG.for_samples(seed, 0, "eval", [i])`, the key of training's evaluation (utils/evaluation.py
+`SampleRNG.for_samples(seed, 0, "eval", [i])`, the key of training's evaluation (engine/evaluation.py
 `sample`): the same checkpoint, prompts and seed give the evaluation's clips exactly, whatever the
 batch size or number of ranks. Everything that can be wrong with the input is checked before the
 first file is written, and every file is written under a temporary name and renamed.
@@ -30,14 +30,15 @@ from tqdm import tqdm
 
 from model.base import MethodConfig
 from pipeline.rollout import rollout
-from utils.build import backbone_config, pick_device
-from utils.config import DataSchema, MethodSchema, ModelSchema
+from engine.build import backbone_config
+from utils.distributed import pick_device
+from engine.config import DataSchema, ModelSchema, method_config
 from utils.distributed import all_gather_object, barrier, broadcast_object, init_distributed, is_main, log0
-from utils.evaluation import EVAL_PHASE, EVAL_STEP, long_pattern  # EVAL_*: training's evaluation noise key
+from engine.evaluation import EVAL_PHASE, EVAL_STEP  # training's evaluation noise key
 from utils.data import PromptFile
 from utils.sample_rng import SampleRNG, mix_seed
 from utils.speed import SpeedSchema
-from utils.student import CHECKPOINT_FORMS, Source, Student, build_student, method_of, resolve_checkpoint, run_config
+from engine.student import CHECKPOINT_FORMS, Source, Student, build_student, resolve_checkpoint, run_config
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class InferenceSchema:
     fps: int = 16
     device: str = "auto"
     speed: SpeedSchema = field(default_factory=SpeedSchema)
-    method: MethodSchema = field(default_factory=MethodSchema)
+    method: Any = MISSING  # training's method group (its rollout knobs describe a Self-Forcing .pt)
     model: ModelSchema = field(default_factory=ModelSchema)
     data: DataSchema = field(default_factory=DataSchema)
 
@@ -220,7 +221,7 @@ def generate(student: Student, items: list[Item], num_frames: int, noise: torch.
     x = rng.randn((len(items), num_frames, *student.latent_shape))  # drawn even when replaced: the streams stay aligned
     if noise is not None:
         x = noise.to(device=device, dtype=x.dtype)
-    pattern = student.pattern if num_frames <= student.cfg.num_training_frames else long_pattern(student)
+    pattern = student.pattern_for(num_frames)
     kv_cache, cross = student.caches(len(items), num_frames, pattern, x.shape[-2:])
     decoder = student.vae.stream_decoder(len(items))
     stream = student.decode_stream
@@ -292,7 +293,7 @@ def prepare(cfg: DictConfig, overrides: list[str], device: torch.device) -> Plan
         raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
     source = resolve_checkpoint(cfg.checkpoint, cfg.use_ema)
     node = run_config(cfg, source, list(overrides))
-    method = method_of(node)
+    method = method_config(node, rollout_only=True)
     world = instantiate(node.data.world) if node.data.get("world") is not None else None
     per_prompt = node.data.metrics.samples_per_prompt if world is not None and node.data.get("metrics") else 1
     items = make_items(read_prompts(cfg.prompts, world, per_prompt), read_seeds(cfg.seed))

@@ -3,13 +3,11 @@ them against the toy world's ground truth, and write a labelled sample grid."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from model.base import SelfForcingModel
-from model.wan.attention import CausalPattern
 from pipeline.rollout import rollout
 from utils.sample_rng import SampleRNG
 
@@ -19,20 +17,12 @@ from utils.sample_rng import SampleRNG
 EVAL_STEP, EVAL_PHASE = 0, "eval"
 
 
-def long_pattern(method: SelfForcingModel) -> CausalPattern:
-    """The generator's pattern for clips past the training length: a rolling window of that length."""
-    pattern = method.pattern
-    if pattern.windowed:
-        return pattern
-    return replace(pattern, local_attn_size=method.cfg.num_training_frames)
-
-
 @torch.no_grad()
 def sample(method: SelfForcingModel, generator, prompts: list[str], num_frames: int, seed: int) -> torch.Tensor:
     """Clips [N, F, C, H, W] in pixel space, noise keyed by (seed, sample index)."""
     rng = SampleRNG.for_samples(seed, EVAL_STEP, EVAL_PHASE, list(range(len(prompts))), method.device)
     noise = rng.randn((len(prompts), num_frames, *method.latent_shape))
-    pattern = method.pattern if num_frames <= method.cfg.num_training_frames else long_pattern(method)
+    pattern = method.pattern_for(num_frames)
     out = rollout(
         generator, noise, method.encode(prompts), method.steps, pattern, schedule=method.schedule,
         context_noise=method.cfg.context_noise, rng=rng,

@@ -4,13 +4,13 @@ the generator, text encoder and VAE built from it with the speed levers applied.
 `resolve_checkpoint` accepts a run directory, a step directory, an exported model.safetensors (with
 the config.json training wrote beside it) or an original Self-Forcing .pt, and chooses EMA or raw
 generator weights without loading tensors; `run_config` gives the {model, method, data} config that
-describes them; `build_student` builds the `Student` the generation loop (utils/inference.py) runs.
+describes them; `build_student` builds the `Student` the generation loop (engine/inference.py) runs.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +18,13 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from model.base import MethodConfig
-from model.schedule import FlowSchedule
+from model.base import MethodConfig, RolloutParts
 from model.wan.attention import resolve_backend
 from model.wan.kv_cache import CrossAttnCache, KVCache
 from model.wan.transformer import WanDiT
 from model.wan.weights import SELF_FORCING_KEYS, load_strict, read_state_dict
 from pipeline.cuda_graphs import ChunkGraphs
-from utils.build import DTYPES, backbone_config
+from engine.build import DTYPES, backbone_config
 from utils.checkpoint import CheckpointManager, find_checkpoint
 from utils.speed import SpeedSchema, apply_levers, resolve_levers
 from utils.toy_metrics import match_rule
@@ -137,9 +136,9 @@ def run_config(cfg: DictConfig, source: Source, overrides: list[str]) -> DictCon
 
 # ---------------------------------------------------------------------------- the student
 @dataclass
-class Student:
-    """The generator and how it rolls out; it has the attributes of SelfForcingModel that
-    utils/evaluation.py reads (pattern, cfg, steps, schedule, latent_shape), so `long_pattern` applies."""
+class Student(RolloutParts):
+    """The generator and how it rolls out: the method's own rollout pieces (model/base.py RolloutParts:
+    schedule, steps, pattern, encode), so training's evaluation and inference cannot drift apart."""
 
     generator: WanDiT
     text_encoder: torch.nn.Module
@@ -152,9 +151,7 @@ class Student:
     decode_stream: Any = None  # a CUDA stream that chunks decode on, overlapping the generator; None: in line
 
     def __post_init__(self):
-        self.schedule = FlowSchedule(self.cfg.timestep_shift)
-        self.steps = self.schedule.denoising_steps(self.cfg.denoising_step_list, self.cfg.warp_denoising_step)
-        self.pattern = self.cfg.pattern
+        self.init_rollout(self.cfg, self.latent_shape)
         self.runner = self.runner or self.generator
         self._caches: tuple = (None, None, None)  # (key, KVCache, CrossAttnCache), kept across batches
 
@@ -171,21 +168,6 @@ class Student:
         kv.reset()
         cross.reset()
         return kv, cross
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.generator.parameters()).device
-
-    @torch.no_grad()
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        param = next(self.generator.parameters())  # as SelfForcingModel.encode: the generator's device and dtype
-        return self.text_encoder(prompts)["prompt_embeds"].to(device=param.device, dtype=param.dtype)
-
-
-def method_of(node: DictConfig) -> MethodConfig:
-    """The rollout knobs; knobs of particular losses (sid_alpha, ...) do not matter here."""
-    known = {f.name for f in fields(MethodConfig)}
-    return MethodConfig(**{k: v for k, v in OmegaConf.to_container(node.method).items() if k in known})
 
 
 def build_student(node: DictConfig, method: MethodConfig, source: Source, device: torch.device, world=None,
