@@ -183,6 +183,7 @@ class TrainSchema:
     model: ModelSchema = field(default_factory=ModelSchema)
     data: DataSchema = field(default_factory=DataSchema)
     device: Device = Device.auto  # auto (cuda if available) | cpu | cuda
+    threads: Optional[int] = None  # torch's CPU threads per process (torch.set_num_threads); null: torch's default
 
 
 def register() -> None:

@@ -287,6 +287,10 @@ class Trainer:
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Train on every rank of a torchrun job, or as world size 1 of the same code (a one-rank group)."""
+    if cfg.threads is not None:
+        if cfg.threads < 1:
+            raise ValueError(f"threads must be >= 1 or null (torch's default), got {cfg.threads}")
+        torch.set_num_threads(cfg.threads)
     dist = init_distributed()
     own_group = single_process_group(dist)
     try:
