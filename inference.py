@@ -8,11 +8,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from utils.distributed import log0
+from utils.errors import one_line_errors
 from engine.inference import run
 from engine.student import group_overrides
 
@@ -20,7 +23,9 @@ from engine.student import group_overrides
 @hydra.main(config_path="configs", config_name="inference", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
-    index = run(cfg, cfg.output_dir or hydra_cfg.runtime.output_dir, group_overrides(hydra_cfg.overrides.task))
+    # expected errors (a bad checkpoint path, prompt or key) end in one line; HYDRA_FULL_ERROR=1 for the traceback
+    with one_line_errors(Path(hydra_cfg.runtime.output_dir), hint="HYDRA_FULL_ERROR=1"):
+        index = run(cfg, cfg.output_dir or hydra_cfg.runtime.output_dir, group_overrides(hydra_cfg.overrides.task))
     if not index:  # ranks other than 0
         return
     log0("%d videos in %s (index.json)", len(index["items"]), index["output_dir"])

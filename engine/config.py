@@ -7,7 +7,8 @@ Component nodes that are built with `hydra.utils.instantiate` (`_target_`) are t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
+from difflib import get_close_matches
 from enum import Enum
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -165,7 +166,7 @@ class TrainSchema:
     batch_size: int = 1  # micro-batch per GPU
     total_batch_size: Optional[int] = None  # batch_size x world size x accumulation (null: no accumulation)
     dfake_gen_update_ratio: int = 5  # one generator update every this many steps (methods with a critic)
-    ema_weight: float = 0.99  # EMA decay of the networks the method averages (<= 0: no EMA)
+    ema_weight: float = 0.99  # EMA decay of the networks the method averages, in [0, 1) (0: no EMA)
     ema_start_step: int = 200  # EMA starts (copies the network) at this step
     # one AdamW per trained network, by the network's name (model/contract.py); a network a method
     # adds takes OptimSchema's defaults unless given, e.g. +optim.head.lr=1e-4
@@ -184,20 +185,85 @@ class TrainSchema:
     data: DataSchema = field(default_factory=DataSchema)
     device: Device = Device.auto  # auto (cuda if available) | cpu | cuda
     threads: Optional[int] = None  # torch's CPU threads per process (torch.set_num_threads); null: torch's default
+    debug: bool = False  # expected errors (bad values, files) with their traceback, not one line
+
+
+PROJECT = Path(__file__).resolve().parents[1]
 
 
 def register() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainSchema)
+    # ${project:assets/toy/x.safetensors}: a file shipped with the project, found from any working directory
+    OmegaConf.register_new_resolver("project", lambda rel: str(PROJECT / rel), replace=True)
 
 
 register()
 
 
 
+def unknown_keys(node: DictConfig, path: str = "") -> list[str]:
+    """Keys that `+key=value` added to a typed node (Hydra's `+` bypasses the schema's struct check)."""
+    bad = []
+    kind = OmegaConf.get_type(node)
+    known = {f.name for f in fields(kind)} if kind is not None and is_dataclass(kind) else None
+    for key in node.keys():
+        if known is not None and key not in known:
+            close = get_close_matches(str(key), sorted(known), n=1)
+            bad.append(f"{path}{key}" + (f" (did you mean {path}{close[0]}?)" if close else ""))
+        elif known is not None:
+            child = node._get_node(key)
+            if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+                bad += unknown_keys(child, f"{path}{key}.")
+    return bad
+
+
+def _check_values(cfg: DictConfig, method: MethodConfig) -> None:
+    """Values out of range, named by key, before any network is built."""
+    rules = [
+        ("max_steps", cfg.max_steps >= 0, ">= 0"),
+        ("batch_size", cfg.batch_size >= 1, ">= 1"),
+        ("total_batch_size", cfg.total_batch_size is None or cfg.total_batch_size >= 1, ">= 1 or null"),
+        ("dfake_gen_update_ratio", cfg.dfake_gen_update_ratio >= 1, ">= 1"),
+        ("ema_weight", 0.0 <= cfg.ema_weight < 1.0, "in [0, 1) (0: no EMA)"),
+        ("ema_start_step", cfg.ema_start_step >= 0, ">= 0"),
+        ("logger.every", cfg.logger.every >= 1, ">= 1"),
+        ("threads", cfg.threads is None or cfg.threads >= 1, ">= 1 or null"),
+        ("warm_start.generator_steps", cfg.warm_start.generator_steps >= 0, ">= 0"),
+        ("warm_start.critic_steps", cfg.warm_start.critic_steps >= 0, ">= 0"),
+    ]
+    for name in list(cfg.optim.keys()):
+        optim = optim_config(cfg, name)
+        rules += [
+            (f"optim.{name}.lr", optim.lr >= 0, ">= 0"),
+            (f"optim.{name}.weight_decay", optim.weight_decay >= 0, ">= 0"),
+            (f"optim.{name}.eps", optim.eps > 0, "> 0"),
+            (f"optim.{name}.betas", len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), "two numbers in [0, 1)"),
+            (f"optim.{name}.warmup_steps", optim.warmup_steps >= 0, ">= 0"),
+        ]
+    for key, ok, expected in rules:
+        if not ok:
+            raise ValueError(f"{key} must be {expected}, got {OmegaConf.select(cfg, key)}")
+    frames = {"method.num_training_frames": method.num_training_frames, "method.min_num_frames": method.min_num_frames,
+              "method.max_num_frames": method.max_num_frames, "eval.num_frames": cfg.eval.num_frames}
+    for key, n in frames.items():
+        if n is not None:
+            try:
+                method.pattern.check_clip(n)
+            except ValueError as e:
+                raise ValueError(f"{key}={n}: {e}") from None
+
+
 def validate(cfg: DictConfig) -> None:
     """Cross-field checks, with messages that say which key to fix and how (before anything is built)."""
     cls = method_class(cfg)
-    method_config(cfg)  # the method's knobs against its own config class; runs its __post_init__
+    # per-network keys may name any network the method declares (+fsdp.reshard_after_forward.head=false)
+    per_network = ("fsdp.reshard_after_forward.", "fsdp.cpu_offload.", "model.checkpoint_policy.")
+    unknown = [k for k in unknown_keys(cfg)
+               if not (k.startswith(per_network) and k.rsplit(".", 1)[-1].split(" ")[0] in cls.networks)]
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]}: not in the training schema (engine/config.py TrainSchema; "
+                         "configs/config.yaml lists every key)")
+    method = method_config(cfg)  # the method's knobs against its own config class; runs its __post_init__
     for old in ("generator_optim", "critic_optim"):
         set_keys = [k for k, v in cfg[old].items() if v is not None]
         if set_keys:
@@ -207,9 +273,7 @@ def validate(cfg: DictConfig) -> None:
     for name, optim in cfg.optim.items():
         if name not in trained and name not in _default_optim():  # the defaults' groups may go unused (no critic)
             raise ValueError(f"optim.{name}: {cls.__name__} trains no network {name!r}; its trained networks are {trained}")
-        optim = optim_config(cfg, name)
-        if len(optim.betas) != 2:
-            raise ValueError(f"optim.{name}.betas must hold two numbers, got {list(optim.betas)}")
+        optim_config(cfg, name)  # its keys and types
     for phase in cls.phases:
         phase.period(cfg)  # a str period names a config key: it must exist and be >= 1
         for source in phase.data:
@@ -225,11 +289,12 @@ def validate(cfg: DictConfig) -> None:
     if cfg.model.critic_init not in ("teacher", "generator", "random") and not Path(cfg.model.critic_init).exists():
         raise ValueError(
             f"model.critic_init must be teacher, generator, random or a weights file / folder, got {cfg.model.critic_init!r}"
+            + relative_hint(cfg.model.critic_init)
         )
     if cfg.model.generator_init is not None and not Path(cfg.model.generator_init).exists():
-        raise FileNotFoundError(f"model.generator_init={cfg.model.generator_init!r} does not exist")
-    if cfg.dfake_gen_update_ratio < 1 or cfg.batch_size < 1 or cfg.max_steps < 0:
-        raise ValueError("dfake_gen_update_ratio and batch_size must be >= 1, max_steps >= 0")
+        raise FileNotFoundError(f"model.generator_init={cfg.model.generator_init!r} does not exist"
+                                + relative_hint(cfg.model.generator_init))
+    _check_values(cfg, method)
     if len(cfg.model.latent_shape) != 3:
         raise ValueError(f"model.latent_shape must be [C, H, W], got {list(cfg.model.latent_shape)}")
 
@@ -241,6 +306,11 @@ def optim_config(cfg: DictConfig, name: str) -> DictConfig:
         return OmegaConf.merge(OmegaConf.structured(OptimSchema), cfg.optim.get(name) or {})
     except OmegaConfBaseException as e:
         raise ValueError(f"optim.{name}.{getattr(e, 'full_key', '')}: {str(e).splitlines()[0]}") from None
+
+
+def relative_hint(path: str) -> str:
+    """For an error about a relative path: where it was looked for."""
+    return "" if Path(path).is_absolute() else f" (a relative path: looked for in the working directory {Path.cwd()})"
 
 
 def method_class(cfg: DictConfig) -> type[SelfForcingModel]:
@@ -289,7 +359,7 @@ def accumulation_steps(cfg: DictConfig, world_size: int) -> int:
     return cfg.total_batch_size // per_step
 
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = PROJECT / "configs"
 
 
 def compose_checked(overrides: list[str]) -> DictConfig:
