@@ -5,17 +5,23 @@ the generator, text encoder and VAE built from it with the speed levers applied.
 the config.json training wrote beside it) or an original Self-Forcing .pt, and chooses EMA or raw
 generator weights without loading tensors; `run_config` gives the {model, method, data} config that
 describes them; `build_student` builds the `Student` the generation loop (engine/inference.py) runs.
+
+An export is plain data (safetensors + JSON) and may come from anyone: its config is checked by
+`check_targets` before anything in it is built, so it can only build this project's own classes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from model.base import MethodConfig, RolloutParts
@@ -34,6 +40,9 @@ CHECKPOINT_FORMS = (
     "a training run directory, a step directory (<run>/checkpoints/step_XXXXXX), an exported "
     "model.safetensors with its config.json beside it, or a Self-Forcing .pt holding generator / generator_ema"
 )
+# The packages whose classes a checkpoint's config may build (`check_targets`): the project's own.
+TRUSTED_PACKAGES = ("model.", "utils.data.")
+_DOTTED_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 
 
 # ---------------------------------------------------------------------------- the checkpoint
@@ -46,6 +55,11 @@ class Source:
     weights: str  # "ema" | "generator": what is loaded
     key: str | None = None  # the .pt entry (generator_ema / generator)
     step_dir: Path | None = None  # resume state holding the raw generator (use_ema=false on an EMA export)
+    config_file: Path | None = None  # where `config` was read: named when its config is refused
+
+    @property
+    def config_origin(self) -> str:
+        return str(self.config_file) if self.config_file is not None else "the model / method / data config groups"
 
 
 def resolve_checkpoint(checkpoint: str, use_ema: bool | None) -> Source:
@@ -84,8 +98,8 @@ def resolve_checkpoint(checkpoint: str, use_ema: bool | None) -> Source:
                 f"use_ema=false, but {export} holds only the EMA weights; the raw generator is in the step "
                 "directory's resume state: pass checkpoint=<run>/checkpoints/step_XXXXXX use_ema=false"
             )
-        return Source(step_dir, config, "generator", step_dir=step_dir)
-    return Source(export, config, exported)
+        return Source(step_dir, config, "generator", step_dir=step_dir, config_file=config_path)
+    return Source(export, config, exported, config_file=config_path)
 
 
 def _self_forcing_source(path: Path, use_ema: bool | None) -> Source:
@@ -130,8 +144,78 @@ def run_config(cfg: DictConfig, source: Source, overrides: list[str]) -> DictCon
                     "export whose config.json fixes the model; override single keys (e.g. model.dtype=bfloat16)"
                 )
             OmegaConf.update(node, key, OmegaConf.select(cfg, key), merge=False, force_add=True)
+    # before anything in it is built (data.world, text encoder, VAE): as written, so a bad target is named
+    # even where its node breaks an interpolation, and as resolved (an interpolation can make new nodes)
+    check_targets(node, source.config_origin)
     OmegaConf.resolve(node)
+    check_targets(node, source.config_origin)
     return node
+
+
+def check_targets(node: Any, origin: str) -> None:
+    """Refuse a config that would build anything but this project's own classes, before anything is built.
+
+    Hydra's `instantiate` calls whatever `_target_` names, so a crafted export config.json could run
+    `pathlib.Path.unlink` or `os.system`. Every `_target_` in `node` (nested nodes, `_args_` and lists
+    included) must be a class defined in one of TRUSTED_PACKAGES. The module prefix is checked as a
+    string first, so only the project's own modules are ever imported (`model` and `utils` are this
+    project's packages, already imported), then the class: `get_class` refuses functions, and the class
+    must be defined where the name says (not a foreign class re-exported by a project module).
+    Interpolations are not resolved here: a `_target_` written as one is refused.
+    Raises a one-line ValueError naming `origin` (the config's file), the key and the target."""
+    for key, target in _targets(OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node):
+        reason = _untrusted(target)
+        if reason:
+            raise ValueError(f"{origin}: {key}={target!r} is refused ({reason}); a checkpoint's config may only "
+                             f"build classes defined in this project's {' / '.join(p + '*' for p in TRUSTED_PACKAGES)}")
+
+
+def _targets(node: Any, key: str = ""):
+    """(key path, value) of every `_target_` in a plain container, depth first."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            path = f"{key}.{k}" if key else str(k)
+            if k == "_target_":
+                yield path, v
+            else:
+                yield from _targets(v, path)
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            yield from _targets(v, f"{key}[{i}]")
+
+
+def _untrusted(target: Any) -> str | None:
+    """Why `target` may not be built, or None when it is a class of the project's trusted packages."""
+    if not isinstance(target, str) or not _DOTTED_NAME.fullmatch(target):
+        return "not a dotted class name"
+    if not target.startswith(TRUSTED_PACKAGES):
+        return "outside the project's packages"
+    try:
+        with without_log("hydra.utils", "Error getting class at "):  # the ValueError below says it in one line
+            cls = get_class(target)
+    except Exception as e:  # not found, or found but not a class (a function, a module)
+        return f"not a class: {str(e).splitlines()[0]}"
+    defined = f"{cls.__module__}.{cls.__qualname__}"
+    if defined != target or not f"{cls.__module__}.".startswith(TRUSTED_PACKAGES):
+        return f"it is {defined}, defined outside the project's packages"
+    return None
+
+
+@contextlib.contextmanager
+def without_log(logger: str, pattern: str):
+    """Drop the records of `logger` whose message matches `pattern` (re.match), inside the block only;
+    the logger's other records, and these anywhere else, are untouched (no verbosity change)."""
+    drop = re.compile(pattern)
+
+    def keep(record: logging.LogRecord) -> bool:
+        return drop.match(record.getMessage()) is None
+
+    target = logging.getLogger(logger)
+    target.addFilter(keep)
+    try:
+        yield
+    finally:
+        target.removeFilter(keep)
 
 
 # ---------------------------------------------------------------------------- the student
@@ -172,6 +256,7 @@ class Student(RolloutParts):
 
 def build_student(node: DictConfig, method: MethodConfig, source: Source, device: torch.device, world=None,
                   speed=None) -> Student:
+    check_targets(node, source.config_origin)  # also when called without run_config
     m = node.model
     generator = WanDiT(**backbone_config(node))
     if source.step_dir is not None:  # the raw generator from the DCP resume state
