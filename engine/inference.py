@@ -296,15 +296,15 @@ def prepare(cfg: DictConfig, overrides: list[str], device: torch.device) -> Plan
     method = method_config(node, rollout_only=True)
     world = instantiate(node.data.world) if node.data.get("world") is not None else None
     per_prompt = node.data.metrics.samples_per_prompt if world is not None and node.data.get("metrics") else 1
-    items = make_items(read_prompts(cfg.prompts, world, per_prompt), read_seeds(cfg.seed))
+    prompts = read_prompts(cfg.prompts, world, per_prompt)
+    items = make_items(prompts, read_seeds(cfg.seed))
     num_frames = cfg.num_frames if cfg.num_frames is not None else method.num_training_frames
     check_num_frames(num_frames, method, backbone_config(node))
     shape = (len(items), num_frames, *node.model.latent_shape)
     noise = read_noise(cfg.noise, shape) if cfg.noise else None
     student = build_student(node, method, source, device, world, cfg.speed)
-    if hasattr(student.text_encoder, "tokenize"):  # unknown words fail now, not after some videos are written
-        for prompt in {it.prompt for it in items}:
-            student.text_encoder.tokenize(prompt)
+    if hasattr(student.text_encoder, "check_prompts"):  # bad or over-long prompts named now, not after some videos
+        student.text_encoder.check_prompts(prompts)
     scored = student.match_rule is not None
     if scored and not {it.prompt for it in items} <= set(world.prompts):
         log0("toy metrics skipped: some prompts are not toy-world prompts", level=logging.WARNING)

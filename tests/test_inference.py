@@ -1,7 +1,10 @@
 """inference.py at tiny size: it reproduces training's evaluation exactly, reads Self-Forcing .pt files,
-generates past the training length, and refuses bad input before writing anything."""
+generates past the training length, refuses bad input before writing anything, and names an over-long
+prompt without echoing it."""
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -16,6 +19,8 @@ import train
 import engine.inference as inference
 import engine.student as student
 from tests.dist_setup import spawn_ranks
+from tests.wan_folder import tiny_wan_folder  # noqa: F401  (a fixture)
+from model.wan.text_encoder import WanTextEncoder
 from model.wan.transformer import WanDiT
 from model.wan.weights import diffusers_to_wan, load_strict, read_state_dict
 from tests.train_setup import CONFIGS, TINY, compose_config
@@ -41,6 +46,19 @@ def infer(out: Path, *overrides: str, groups: list[str] = ()) -> dict:
 
 def latents(out: Path, index: dict) -> torch.Tensor:
     return torch.stack([load_file(str(out / item["latents"]))["latents"] for item in index["items"]])
+
+
+@contextlib.contextmanager
+def captured(logger: str):
+    """The records `logger` emits inside the block (pytest runs with -p no:logging: no caplog)."""
+    records = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append
+    logging.getLogger(logger).addHandler(handler)
+    try:
+        yield records
+    finally:
+        logging.getLogger(logger).removeHandler(handler)
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +161,9 @@ def test_self_forcing_pt_equals_export(run_dir, tmp_path):
     assert a.abs().max() > 0.1 and torch.equal(a, b)
 
 
+LONG_TOY = "a red circle moving left a blue square moving up"  # 10 words: the toy text_len is 8
+
+
 def test_bad_input_fails_before_any_file(run_dir, tmp_path):
     (tmp_path / "empty.txt").write_text("\n  \n")
     out = tmp_path / "out"
@@ -158,6 +179,8 @@ def test_bad_input_fails_before_any_file(run_dir, tmp_path):
         ([f"checkpoint={run_dir}", "prompts=[a purple circle moving left]"], [], ValueError, "unknown word 'purple'"),
         ([f"checkpoint={run_dir}", "model=toy"], ["model=toy"], ValueError, "picks or removes a config group"),
         ([f"checkpoint={run_dir}", "seed=[]"], [], ValueError, "seed must be an int or a non-empty list"),
+        ([f"checkpoint={run_dir}", f"prompts=[a red circle moving left, {LONG_TOY}]"], [], ValueError,
+         r"^prompt 1 'a red circle moving left a \.\.\.' has 10 words, more than the text encoder's text_len=8; "),
     ]
     for overrides, groups, error, message in cases:
         with pytest.raises(error, match=message):
@@ -193,3 +216,39 @@ def test_two_ranks_split_items_and_merge_the_index(run_dir, tmp_path):
     assert merged["world_size"] == 2 and len(merged["items"]) == 6 and not (tmp_path / "two" / "ignored_1").exists()
     assert merged["items"] == single["items"] and merged["toy_metrics"] == single["toy_metrics"]
     assert torch.equal(latents(tmp_path / "two", merged), latents(tmp_path / "one", single))
+
+
+def test_over_long_toy_prompt_is_named_not_echoed(run_dir, tmp_path):
+    long = " ".join(["a red circle moving left"] * 40)
+    with pytest.raises(ValueError) as err:
+        infer(tmp_path / "out", f"checkpoint={run_dir}", f"prompts=[a blue square moving up, {long}]")
+    message = str(err.value)
+    assert message.startswith("prompt 1 'a red circle moving left a ...' has 200 words, more than the text encoder's text_len=8")
+    assert len(message) < 200 and "\n" not in message and not (tmp_path / "out").exists()
+
+
+def test_over_long_wan_prompt_is_truncated_with_one_warning(tiny_wan_folder):
+    """Wan's reference (diffusers WanPipeline) truncates to max_sequence_length silently; we truncate the
+    same way and say so once, naming the prompt by its first words, its token count and the limit."""
+    short = "a red circle moving left"
+    long = "a red circle moving left slowly in the forest at sunset with a dog"  # 14 words + </s> = 15 tokens
+    other = "a blue car moving up quickly in the street"  # 9 words + </s> = 10 tokens
+    encoder = WanTextEncoder(str(tiny_wan_folder), text_len=8, dtype="float32")
+    with captured("model.wan.text_encoder") as records:
+        out = encoder([short, long])
+        encoder([other, long])  # later over-long prompts: truncated quietly
+    assert len(records) == 1 and records[0].levelno == logging.WARNING
+    message = records[0].getMessage()
+    assert message.startswith("prompt 'a red circle moving left slowly ...' has 15 tokens, more than text_len=8: truncated to 8")
+    assert long not in message and "\n" not in message
+    truncated = encoder([short, " ".join(long.split()[:7])])  # 7 words + </s>: what the encoder kept
+    assert out["attention_mask"][1].all() and torch.equal(out["prompt_embeds"], truncated["prompt_embeds"])
+    # inference's check up front: every over-long prompt by its index, in one warning; then no other
+    fresh = WanTextEncoder(str(tiny_wan_folder), text_len=8, dtype="float32")
+    with captured("model.wan.text_encoder") as records:
+        fresh.check_prompts([short, long, short, other, long])
+        fresh([long, other])
+    assert len(records) == 1
+    assert records[0].getMessage() == (
+        "2 prompt(s) are longer than text_len=8 tokens and are truncated to it, as Wan's reference pipeline does: "
+        "prompt 1 'a red circle moving left slowly ...' (15 tokens); prompt 3 'a blue car moving up quickly ...' (10 tokens)")

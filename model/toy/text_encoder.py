@@ -29,16 +29,27 @@ class ToyTextEncoder(torch.nn.Module):
         # Not persistent: the table is a function of (text_dim, seed), not a weight to checkpoint.
         self.register_buffer("table", table.float(), persistent=False)
 
-    def tokenize(self, prompt: str) -> list[int]:
+    def tokenize(self, prompt: str, name: str = "prompt") -> list[int]:
+        """Word ids; an over-long prompt or an unknown word is an error naming the prompt by its first
+        words (`name`: how to call it, e.g. "prompt 3"), never echoing a long prompt whole."""
         words = prompt.lower().split()
+        start = repr(" ".join(words[:6]) + (" ..." if len(words) > 6 else ""))
+        if len(words) > self.text_len:  # no truncation: the exact teacher would score a different prompt
+            raise ValueError(f"{name} {start} has {len(words)} words, more than the text encoder's "
+                             f"text_len={self.text_len}; shorten it or raise model.text_encoder.text_len")
         for word in words:
             if word not in self._ids:
-                raise ValueError(f"unknown word {word!r} in prompt {prompt!r}; the toy text "
+                raise ValueError(f"unknown word {word!r} in {name} {start}; the toy text "
                                  f"encoder knows only: {', '.join(self.vocabulary)}")
-        if len(words) > self.text_len:
-            raise ValueError(f"prompt {prompt!r} has {len(words)} words, more than "
-                             f"text_len={self.text_len}; raise text_len in the model config")
         return [self._ids[w] for w in words]
+
+    def check_prompts(self, prompts: list[str]) -> None:
+        """Every prompt of a list tokenizes, or an error naming the first bad one by its index."""
+        seen = set()
+        for i, prompt in enumerate(prompts):
+            if prompt not in seen:
+                seen.add(prompt)
+                self.tokenize(prompt, f"prompt {i}")
 
     def forward(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """-> prompt_embeds [B, L, D] float32 (zeros past each prompt) and attention_mask [B, L]."""

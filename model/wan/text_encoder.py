@@ -4,11 +4,19 @@ Numerically the same as diffusers' `WanPipeline._get_t5_prompt_embeds` (and the 
 `T5EncoderModel`): pad/truncate to `text_len` tokens with `</s>` appended, run the encoder with the
 attention mask, keep each prompt's own tokens and zero the rest. The DiT's cross-attention has no
 mask, so the padding must be zeros, not whatever UMT5 produces at padded positions.
+
+A prompt longer than `text_len` tokens is truncated, as the reference does (diffusers' WanPipeline
+truncates to max_sequence_length=512 without a word; so does the original Wan): the model was
+trained on at most 512 tokens and refusing would break prompt files that worked there. Unlike the
+reference, the encoder says so, once: the first over-long prompt it meets is named (its first words,
+token count and the limit) in one warning; `check_prompts` names every over-long prompt of a list
+up front (inference calls it before generating).
 """
 
 from __future__ import annotations
 
 import html
+import logging
 import re
 
 import torch
@@ -16,6 +24,8 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 
 from .folder import check_wan_folder
 from .weights import raise_on_mismatch
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -31,6 +41,12 @@ def to_dtype(dtype) -> torch.dtype:
 def prompt_clean(text: str) -> str:
     """diffusers' Wan `prompt_clean` without ftfy (which it also skips when ftfy is not installed)."""
     return re.sub(r"\s+", " ", html.unescape(html.unescape(text)).strip()).strip()
+
+
+def first_words(prompt: str, words: int = 6) -> str:
+    """The prompt's first words, quoted, for messages that must not echo a long prompt whole."""
+    split = prompt.split()
+    return repr(" ".join(split[:words]) + (" ..." if len(split) > words else ""))
 
 
 class WanTextEncoder(torch.nn.Module):
@@ -54,8 +70,27 @@ class WanTextEncoder(torch.nn.Module):
         )
         self.model = model.requires_grad_(False).eval()
         self.text_dim = model.config.d_model
+        self.warned = False  # an over-long prompt has been reported: later ones are truncated quietly
         if device is not None:
             self.to(device)
+
+    def token_count(self, prompt: str) -> int:
+        """Tokens of `prompt` with `</s>`, untruncated: more than text_len means it will be truncated."""
+        return len(self.tokenizer(prompt_clean(prompt), add_special_tokens=True, verbose=False).input_ids)
+
+    def check_prompts(self, prompts: list[str]) -> None:
+        """One warning naming every over-long prompt (index in `prompts`, first words, tokens) and the limit."""
+        seen, long = set(), []
+        for i, prompt in enumerate(prompts):
+            if prompt not in seen:
+                seen.add(prompt)
+                if (n := self.token_count(prompt)) > self.text_len:
+                    long.append(f"prompt {i} {first_words(prompt)} ({n} tokens)")
+        if long:
+            shown = "; ".join(long[:3]) + (f"; and {len(long) - 3} more" if len(long) > 3 else "")
+            log.warning("%d prompt(s) are longer than text_len=%d tokens and are truncated to it, as Wan's "
+                        "reference pipeline does: %s", len(long), self.text_len, shown)
+            self.warned = True
 
     def train(self, mode: bool = True):
         # Frozen: UMT5 has dropout, so a parent's .train() must not switch it on.
@@ -74,6 +109,8 @@ class WanTextEncoder(torch.nn.Module):
             return_attention_mask=True,
             return_tensors="pt",
         )
+        if not self.warned and tokens.attention_mask[:, -1].any():  # a prompt filled text_len: maybe truncated
+            self._warn_truncated(prompts)
         device = self.model.device
         # Wan keeps the first seq_len positions of each prompt (right padding), so mask by position.
         seq_lens = tokens.attention_mask.gt(0).sum(dim=1).to(device)
@@ -81,3 +118,12 @@ class WanTextEncoder(torch.nn.Module):
         embeds = self.model(tokens.input_ids.to(device), tokens.attention_mask.to(device)).last_hidden_state
         embeds = torch.where(mask[..., None], embeds, torch.zeros((), dtype=embeds.dtype, device=device))
         return {"prompt_embeds": embeds, "attention_mask": mask}
+
+    def _warn_truncated(self, prompts: list[str]) -> None:
+        for prompt in prompts:
+            if (n := self.token_count(prompt)) > self.text_len:
+                log.warning("prompt %s has %d tokens, more than text_len=%d: truncated to %d, as Wan's reference "
+                            "pipeline does (warned once; later over-long prompts are truncated too)",
+                            first_words(prompt), n, self.text_len, self.text_len)
+                self.warned = True
+                return
