@@ -1,6 +1,6 @@
 """inference.py at tiny size: it reproduces training's evaluation exactly, reads Self-Forcing .pt files,
-generates past the training length, refuses bad input before writing anything, and names an over-long
-prompt without echoing it."""
+generates past the training length, names each file after its own item, refuses bad input before writing
+anything, and names an over-long prompt without echoing it."""
 
 import contextlib
 import json
@@ -216,6 +216,29 @@ def test_two_ranks_split_items_and_merge_the_index(run_dir, tmp_path):
     assert merged["world_size"] == 2 and len(merged["items"]) == 6 and not (tmp_path / "two" / "ignored_1").exists()
     assert merged["items"] == single["items"] and merged["toy_metrics"] == single["toy_metrics"]
     assert torch.equal(latents(tmp_path / "two", merged), latents(tmp_path / "one", single))
+
+
+def test_file_names_carry_each_items_own_index_and_seed(run_dir, tmp_path):
+    """2 prompts x 2 seeds in batches of 3: each file is named after its item (index, prompt, seed) and holds
+    that item's clip, the one the item gives when generated alone."""
+    prompts = ["a red circle moving left", "a blue square moving up"]
+    overrides = [f"checkpoint={run_dir}", f"prompts={prompts}", "seed=[5,9]", "batch_size=3", "save_latents=true"]
+    index = infer(tmp_path / "out", *overrides)
+    expected = [(0, prompts[0], 5), (1, prompts[0], 9), (2, prompts[1], 5), (3, prompts[1], 9)]
+    assert [(i["index"], i["prompt"], i["seed"]) for i in index["items"]] == expected
+    assert [i["file"] for i in index["items"]] == ["0000_a-red-circle-moving-left_seed5.mp4", "0001_a-red-circle-moving-left_seed9.mp4",
+                                                   "0002_a-blue-square-moving-up_seed5.mp4", "0003_a-blue-square-moving-up_seed9.mp4"]
+    assert all(i["latents"] == i["file"].replace(".mp4", ".latents.safetensors") for i in index["items"])
+    plan = inference.prepare(compose_inference(*overrides), [], torch.device("cpu"))
+    alone = torch.cat([inference.generate(plan.student, [item], plan.num_frames)[0] for item in plan.items])
+    saved = latents(tmp_path / "out", index)
+    assert (saved - alone).abs().max() < 1e-5  # float rounding: GEMM blocking depends on the batch
+    assert min((saved[a] - saved[b]).abs().max() for a in range(4) for b in range(a)) > 1e-2  # a swap would show
+    # two ranks (items 0, 2 and 1, 3), one batch each: the same names, the same clips
+    spawn_ranks(rank_worker, 2, tmp_path / "two", overrides)
+    merged = json.loads((tmp_path / "two" / "index.json").read_text())
+    assert [i["file"] for i in merged["items"]] == [i["file"] for i in index["items"]]
+    assert (latents(tmp_path / "two", merged) - alone).abs().max() < 1e-5
 
 
 def test_over_long_toy_prompt_is_named_not_echoed(run_dir, tmp_path):
