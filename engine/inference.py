@@ -7,7 +7,9 @@ Item i (prompts in order, each with every seed in order) draws its noise from th
 `SampleRNG.for_samples(seed, 0, "eval", [i])`, the key of training's evaluation (engine/evaluation.py
 `sample`): the same checkpoint, prompts and seed give the evaluation's clips exactly, whatever the
 batch size or number of ranks. Everything that can be wrong with the input is checked before the
-first file is written, and every file is written under a temporary name and renamed.
+first file is written, and every file is written under a temporary name and renamed. An output_dir
+that holds an earlier inference is refused unless overwrite=true, which first removes that run's files
+(`earlier_run`), so old and new videos never mix silently.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class InferenceSchema:
     num_frames: Optional[int] = None
     batch_size: int = 4
     output_dir: Optional[str] = None
+    overwrite: bool = False
     noise: Optional[str] = None
     save_latents: bool = False
     fps: int = 16
@@ -250,6 +253,32 @@ def generate(student: Student, items: list[Item], num_frames: int, noise: torch.
     return out.video.float().cpu(), video, timing
 
 
+# The files inference writes: <index>_<prompt>_seed<s>.mp4 / .latents.safetensors, index.json, and their
+# temporary names while being written (_replace_into: a leading dot and .partial before the suffix).
+OUTPUT_NAME = re.compile(r"\.?\d{4,}_[a-z0-9-]*_seed-?\d+(\.latents)?(\.partial)?\.(mp4|safetensors)|\.?index(\.partial)?\.json")
+
+
+def earlier_run(out_dir: Path) -> list[Path]:
+    """The files an earlier inference left in `out_dir`: index.json, the videos and latents it lists, and any
+    file named the way inference names its files (an interrupted run writes no index.json). Names listed
+    in index.json count only as plain file names inside `out_dir`, so a crafted index cannot reach
+    elsewhere; other files (Hydra's .hydra/ and log, a user's notes) are never included."""
+    if not out_dir.is_dir():
+        return []
+    found = {p for p in out_dir.iterdir() if p.is_file() and OUTPUT_NAME.fullmatch(p.name)}
+    try:
+        items = json.loads((out_dir / "index.json").read_text()).get("items", [])
+    except (OSError, ValueError, AttributeError):  # none, or not an index: the name patterns above still apply
+        items = []
+    for item in items if isinstance(items, list) else []:
+        for key in ("file", "latents"):
+            name = item.get(key) if isinstance(item, dict) else None
+            if isinstance(name, str) and name.endswith((".mp4", ".safetensors")) and Path(name).name == name:
+                if (out_dir / name).is_file():
+                    found.add(out_dir / name)
+    return sorted(found)
+
+
 def _replace_into(final: Path, write) -> None:
     """write(tmp) then rename: a killed run leaves no partial file under a final name."""
     tmp = final.with_name(f".{final.stem}.partial{final.suffix}")
@@ -318,11 +347,20 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] = ()) -> d
     `overrides`: the command line's model / method / data overrides (`group_overrides`)."""
     dist = init_distributed("cpu" if cfg.device == "cpu" else None)  # gloo for CPU runs on a GPU machine
     device = pick_device(cfg, dist.local_rank)
-    plan = prepare(cfg, overrides, device)
     out_dir = Path(broadcast_object(str(output_dir)))  # one directory even if ranks composed different ${now:}
+    earlier = broadcast_object(earlier_run(out_dir) if is_main() else None)  # every rank refuses alike
+    if earlier and not cfg.overwrite:
+        shown = ", ".join(p.name for p in earlier[:2]) + (", ..." if len(earlier) > 2 else "")
+        raise ValueError(f"output_dir={out_dir} already holds an earlier inference ({len(earlier)} files: {shown}); "
+                         "pass overwrite=true to remove them first, or choose another output_dir")
+    plan = prepare(cfg, overrides, device)  # bad input stops here, before the earlier run's files are removed
     log0("checkpoint %s (%s weights), %d videos of %d latent frames -> %s", plan.source.path, plan.source.weights,
          len(plan.items), plan.num_frames, out_dir)
     if is_main():
+        for path in earlier:
+            path.unlink(missing_ok=True)
+        if earlier:
+            log0("overwrite=true: removed %d files of an earlier inference from %s", len(earlier), out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
     barrier()
     mine = plan.items[dist.rank :: dist.world_size]  # rank r: items r, r + W, r + 2W, ...

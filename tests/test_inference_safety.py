@@ -1,5 +1,6 @@
 """Inference is safe to point at other people's files: an export's config.json builds only the project's
-own classes (a crafted `_target_` is refused before anything runs)."""
+own classes (a crafted `_target_` is refused before anything runs), and a reused output_dir is refused,
+or with overwrite=true cleared of exactly the earlier run's files."""
 
 import json
 import re
@@ -114,3 +115,40 @@ def test_genuine_export_still_loads(export, tmp_path):
     index = infer(tmp_path / "out", export, PROMPT)
     assert [i["file"] for i in index["items"]] == ["0000_a-red-circle-moving-left_seed0.mp4"]
     assert (tmp_path / "out" / index["items"][0]["file"]).stat().st_size > 0
+
+
+def test_reused_output_dir_is_refused_then_overwritten(export, tmp_path):
+    out = tmp_path / "out"
+    first = infer(out, export, PROMPT, "seed=[0,1]", "save_latents=true")
+    old = sorted(p.name for p in out.iterdir())
+    assert len(old) == 5 and "index.json" in old  # 2 videos, 2 latents, the index
+    before = {name: (out / name).read_bytes() for name in old}
+    # things that are not the earlier run's: the user's notes, Hydra's folder, a file the index may not reach
+    (out / "notes.txt").write_text("mine")
+    (out / ".hydra").mkdir()
+    (out / ".hydra" / "config.yaml").write_text("x: 1")
+    (tmp_path / "outside.mp4").write_text("not in out")
+    index = json.loads((out / "index.json").read_text())
+    (tmp_path / "outside.latents.safetensors").write_text("not in out")
+    crafted_entry = {"index": 9, "file": "../outside.mp4", "latents": str(tmp_path / "outside.latents.safetensors")}
+    index["items"].append(crafted_entry)  # names outside out: never removed
+    (out / "index.json").write_text(json.dumps(index))
+    stray = out / "0007_a-blue-square-moving-up_seed3.mp4"  # an interrupted run's video, not in the index
+    stray.write_text("old")
+    with pytest.raises(ValueError) as refused:
+        infer(out, export, PROMPT, "seed=[0,1]")
+    message = str(refused.value)
+    assert message.startswith(f"output_dir={out} already holds an earlier inference (6 files: ")
+    assert "overwrite=true" in message and "\n" not in message
+    assert all((out / name).read_bytes() == data for name, data in before.items() if name != "index.json")
+    # overwrite=true, but bad input: stops before removing anything
+    with pytest.raises(ValueError, match="unknown word 'purple'"):
+        infer(out, export, "prompts=[a purple circle moving left]", "overwrite=true")
+    assert stray.exists() and all((out / name).exists() for name in old)
+    second = infer(out, export, "prompts=[a blue square moving up]", "seed=[2]", "overwrite=true")
+    new = [i["file"] for i in second["items"]]
+    assert new == ["0000_a-blue-square-moving-up_seed2.mp4"] and [i["file"] for i in first["items"]] != new
+    assert sorted(p.name for p in out.iterdir()) == sorted([*new, "index.json", "notes.txt", ".hydra"])
+    assert json.loads((out / "index.json").read_text())["items"] == second["items"]
+    assert (out / ".hydra" / "config.yaml").exists() and (out / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "outside.mp4").exists() and (tmp_path / "outside.latents.safetensors").exists()
