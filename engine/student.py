@@ -43,6 +43,11 @@ CHECKPOINT_FORMS = (
 # The packages whose classes a checkpoint's config may build (`check_targets`): the project's own.
 TRUSTED_PACKAGES = ("model.", "utils.data.")
 _DOTTED_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+# diffusers' ModelMixin.to(dtype) warns on every cast that `_keep_in_fp32_modules` (WanDiT: rope, time
+# embedder, modulation, norms) should stay float32. Irrelevant here: the student runs wholly in
+# model.dtype as Self-Forcing's does, and WanDiT computes RoPE, modulation and norms in float32 itself
+# (model/wan/transformer.py). Only this message is dropped, only while the student is built.
+FP32_CAST_WARNING = ("diffusers.models.modeling_utils", r"There are modules in \w+ that should be kept in float32")
 
 
 # ---------------------------------------------------------------------------- the checkpoint
@@ -263,11 +268,12 @@ def build_student(node: DictConfig, method: MethodConfig, source: Source, device
         CheckpointManager(source.step_dir.parent.parent, keep=0).load(source.step_dir, {"generator": generator})
     else:
         load_strict(generator, read_state_dict(source.path, source.key), source=str(source.path))
-    generator.to(device=device, dtype=DTYPES[m.dtype]).eval().requires_grad_(False)
+    with without_log(*FP32_CAST_WARNING):
+        generator.to(device=device, dtype=DTYPES[m.dtype]).eval().requires_grad_(False)
+        text_encoder = instantiate(m.text_encoder).eval().requires_grad_(False).to(device)
+        vae = instantiate(m.vae).eval().requires_grad_(False).to(device)
     backend = resolve_backend(m.attention_backend, device, DTYPES[m.dtype])
     generator.set_attention_backend(backend)
-    text_encoder = instantiate(m.text_encoder).eval().requires_grad_(False).to(device)
-    vae = instantiate(m.vae).eval().requires_grad_(False).to(device)
     metrics = node.data.get("metrics")
     rule = match_rule(metrics) if world is not None and metrics is not None else None
     levers = resolve_levers(speed if speed is not None else SpeedSchema(), device, m.attention_backend)

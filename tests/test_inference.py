@@ -1,11 +1,12 @@
 """inference.py at tiny size: it reproduces training's evaluation exactly, reads Self-Forcing .pt files,
 generates past the training length, names each file after its own item, refuses bad input before writing
-anything, and names an over-long prompt without echoing it."""
+anything, names an over-long prompt without echoing it, and keeps diffusers' float32 cast warning quiet."""
 
 import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -275,3 +276,20 @@ def test_over_long_wan_prompt_is_truncated_with_one_warning(tiny_wan_folder):
     assert records[0].getMessage() == (
         "2 prompt(s) are longer than text_len=8 tokens and are truncated to it, as Wan's reference pipeline does: "
         "prompt 1 'a red circle moving left slowly ...' (15 tokens); prompt 3 'a blue car moving up quickly ...' (10 tokens)")
+
+
+def test_fp32_cast_warning_is_quiet_only_while_the_student_is_built(run_dir, tmp_path):
+    """diffusers warns on every WanDiT.to(dtype) that its _keep_in_fp32_modules should stay float32: not
+    printed by inference; other diffusers warnings still are, and the same cast elsewhere still warns."""
+    config = json.loads((find_checkpoint(run_dir) / "export" / "config.json").read_text())
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    with captured(logger.name) as records:
+        infer(tmp_path / "out", f"checkpoint={run_dir}", "prompts=[a red circle moving left]")
+        assert records == []
+        with student.without_log(*student.FP32_CAST_WARNING):
+            logger.warning("another diffusers warning")
+        WanDiT(**config["backbone"]).to(dtype=torch.float32)  # outside the build: diffusers' warning as ever
+    messages = [r.getMessage() for r in records]
+    assert messages[0] == "another diffusers warning" and len(messages) == 2
+    assert messages[1].startswith("There are modules in WanDiT that should be kept in float32: ['rope'")
+    assert re.match(student.FP32_CAST_WARNING[1], messages[1])
