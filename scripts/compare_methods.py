@@ -10,13 +10,21 @@ coverage, mean distance and per-frame error at the training length and at
 data.metrics.long_num_frames (rolling KV cache); the exact teacher's 50-step row comes from the
 same runs (every run writes it, on the same seeds; they are checked to agree).
 
-One run directory per method under --out; the table is printed and written, with the command,
-budget, git revision and wall times, to <docs>/compare_methods.md, and the per-frame error at the
-long length to <docs>/compare_methods.png (needs matplotlib).
+One run of a toy world's default is one draw: the same commit and settings move the DMD student's
+match rate by tenths from one seed (or thread count) to another (docs/toy-world.md). `--seeds 0,1,2`
+repeats every method once per training seed (the seed also draws the evaluation noise) and tables
+each metric as the mean over the seeds with its range (min-max); without it, the single seed of the
+composed config runs (`seed=N` overrides it), as one draw.
+
+One run directory per method under --out (per method and seed with --seeds: <method>/seed_<N>); the
+table is printed and written, with the command, budget, git revision and wall times, to
+<docs>/compare_methods.md, and the per-frame error at the long length (with --seeds, the mean and the
+seeds' range) to <docs>/compare_methods.png (needs matplotlib).
 
   python scripts/compare_methods.py                          # the full budget of configs/config.yaml
   python scripts/compare_methods.py --steps 20 --methods dmd,causvid_tf --docs /tmp/docs
   python scripts/compare_methods.py --steps 100 method.guidance_scale=2   # Hydra overrides go to every method
+  python scripts/compare_methods.py --steps 300 --seeds 0,1,2   # mean and range over three training seeds
 """
 
 from __future__ import annotations
@@ -63,6 +71,7 @@ METHODS = {
 RUN_DEFAULTS = ("eval.every=0", "eval.at_start=false", "checkpoint.every=0")
 # Keys the script sets per method: an override of them would make every run the same method.
 RESERVED = ("method=", "+method=", "method._target_=", "method.teacher_forcing=")
+SEED_KEYS = ("seed=", "+seed=", "++seed=")  # set by --seeds when it is given
 # Keys that must agree across the runs for the budget and the start to be equal.
 BUDGET_KEYS = ("seed", "max_steps", "batch_size", "total_batch_size", "dfake_gen_update_ratio",
                "model.generator_init", "model.critic_init", "warm_start.generator_steps", "warm_start.critic_steps",
@@ -90,13 +99,15 @@ def select(cfg: DictConfig, key: str):
     return node
 
 
-def compose_all(names: list[str], overrides: list[str], steps: int | None) -> dict[str, DictConfig]:
-    """One composed, validated config per method; the budget keys must agree across them."""
+def compose_all(names: list[str], overrides: list[str], steps: int | None,
+                seed: int | None = None) -> dict[str, DictConfig]:
+    """One composed, validated config per method (at `seed`, else the config's); the budget keys must agree."""
     bad = [o for o in overrides if o.startswith(RESERVED)]
     if bad:
         raise SystemExit(f"overrides {bad} would change the method of every run; pick methods with --methods "
                          f"({', '.join(METHODS)})")
     tail = list(overrides) + ([f"max_steps={steps}"] if steps is not None else [])
+    tail += [f"seed={seed}"] if seed is not None else []
     cfgs = {}
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         for name in names:
@@ -142,14 +153,15 @@ def read_records(run_dir: Path, step: int) -> tuple[dict, dict]:
     return students[0], teachers[0]
 
 
-def run_all(cfgs: dict[str, DictConfig], out: Path) -> tuple[dict[str, dict], dict]:
-    """Train every method in its own run directory; its final record, wall times and updates, and the teacher's."""
+def run_all(cfgs: dict[str, DictConfig], out: Path, seed_dirs: bool = False) -> tuple[dict[str, dict], dict]:
+    """Train every method in its own run directory (out/<method>, or out/<method>/seed_<N> when `seed_dirs`);
+    its final record, wall times and updates, and the teacher's."""
     from train import train
 
     rows, teacher = {}, None
     for name, cfg in cfgs.items():
-        run_dir = out / name
-        log0("=== %s (%s): %d steps into %s", name, METHODS[name].label, cfg.max_steps, run_dir)
+        run_dir = out / name / f"seed_{cfg.seed}" if seed_dirs else out / name
+        log0("=== %s (%s), seed %d: %d steps into %s", name, METHODS[name].label, cfg.seed, cfg.max_steps, run_dir)
         start = time.perf_counter()
         results = train(cfg, run_dir)
         total = time.perf_counter() - start
@@ -175,20 +187,36 @@ def columns(short: int, long: int, train_frames: int) -> list[str]:
             f"frame err {long}f (1-{train_frames})", f"frame err {long}f ({train_frames + 1}-{long})"]
 
 
-def table_row(label: str, record: dict, train_frames: int, teacher: dict, cost: dict | None) -> list[str]:
-    """One table row from a metrics.jsonl record (3 decimals; frame errors are means over the named frames)."""
-    f = "{:.3f}".format
+def metrics(record: dict, train_frames: int, teacher: dict) -> list[float | None]:
+    """The table's numbers of one record, after the wall-time columns (frame errors: means over the named frames;
+    match / teacher: None when the teacher matches nothing)."""
     long_err = record["long_frame_error"]
     ratio = record["match_rate"] / teacher["match_rate"] if teacher["match_rate"] > 0 else None
-    return [
-        label,
-        f"{cost['generator_updates']} / {cost['critic_updates']}" if cost else "-",
-        f"{cost['train_seconds']:.1f}" if cost else "-",
-        f"{cost['total_seconds']:.1f}" if cost else "-",
-        f(record["match_rate"]), "-" if ratio is None else f(ratio), f(record["coverage"]), f(record["mean_distance"]),
-        f(mean(record["frame_error"])), f(record["long_match_rate"]), f(record["long_coverage"]),
-        f(record["long_mean_distance"]), f(mean(long_err[:train_frames])), f(mean(long_err[train_frames:])),
-    ]
+    return [record["match_rate"], ratio, record["coverage"], record["mean_distance"], mean(record["frame_error"]),
+            record["long_match_rate"], record["long_coverage"], record["long_mean_distance"],
+            mean(long_err[:train_frames]), mean(long_err[train_frames:])]
+
+
+def cell(values: list[float | None], fmt: str = "{:.3f}") -> str:
+    """One value as it is; several (one per seed) as `mean (min-max)`; '-' where there is none."""
+    xs = [v for v in values if v is not None]
+    if not xs:
+        return "-"
+    if len(values) == 1:
+        return fmt.format(xs[0])
+    return f"{fmt.format(mean(xs))} ({fmt.format(min(xs))}-{fmt.format(max(xs))})"
+
+
+def table_row(label: str, records: list[dict], teachers: list[dict], train_frames: int,
+              costs: list[dict] | None) -> list[str]:
+    """One table row over the seeds' records (the i-th record against the i-th seed's teacher), 3 decimals."""
+    per_seed = [metrics(r, train_frames, t) for r, t in zip(records, teachers)]
+    numbers = [cell([m[i] for m in per_seed]) for i in range(len(per_seed[0]))]
+    if not costs:
+        return [label, "-", "-", "-", *numbers]
+    budget = sorted({f"{c['generator_updates']} / {c['critic_updates']}" for c in costs})
+    return [label, ", ".join(budget), cell([c["train_seconds"] for c in costs], "{:.1f}"),
+            cell([c["total_seconds"] for c in costs], "{:.1f}"), *numbers]
 
 
 def match_text(record: dict) -> str:
@@ -198,14 +226,31 @@ def match_text(record: dict) -> str:
     return f"radius: the template moved by {record['match_tolerance_px']:g} pixel (utils/toy_metrics.py)"
 
 
-def markdown_table(rows: dict[str, dict], teacher: dict, train_frames: int) -> str:
-    """Methods in the order they ran, then the exact teacher; numbers straight from the metrics.jsonl records."""
-    body = [table_row(f"{METHODS[n].label} (`{n}`)", r["record"], train_frames, teacher, r) for n, r in rows.items()]
-    body.append(table_row(f"{TEACHER} ({teacher['source']})", teacher, train_frames, teacher, None))
-    head = columns(teacher["num_frames"], teacher["long_num_frames"], train_frames)
+def markdown(head: list[str], body: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
-    return "\n".join(lines)
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
+
+
+def markdown_table(runs: dict[int, dict[str, dict]], teachers: dict[int, dict], train_frames: int) -> str:
+    """Methods in the order they ran, then the exact teacher; numbers straight from the metrics.jsonl records,
+    one per seed (`runs[seed][method]`), as the mean and range over the seeds when there are several."""
+    seeds = list(runs)
+    names = list(runs[seeds[0]])
+    ts = [teachers[s] for s in seeds]
+    body = [table_row(f"{METHODS[n].label} (`{n}`)", [runs[s][n]["record"] for s in seeds], ts, train_frames,
+                      [runs[s][n] for s in seeds]) for n in names]
+    body.append(table_row(f"{TEACHER} ({ts[0]['source']})", ts, ts, train_frames, None))
+    return markdown(columns(ts[0]["num_frames"], ts[0]["long_num_frames"], train_frames), body)
+
+
+def seed_table(runs: dict[int, dict[str, dict]], teachers: dict[int, dict]) -> str:
+    """The match rate at the training length of every run: one row per method, one column per seed."""
+    seeds = list(runs)
+    short = teachers[seeds[0]]["num_frames"]
+    body = [[f"{METHODS[n].label} (`{n}`)", *(f"{runs[s][n]['record']['match_rate']:.3f}" for s in seeds)]
+            for n in runs[seeds[0]]]
+    body.append([f"{TEACHER} ({teachers[seeds[0]]['source']})", *(f"{teachers[s]['match_rate']:.3f}" for s in seeds)])
+    return markdown([f"match {short}f", *(f"seed {s}" for s in seeds)], body)
 
 
 def git_revision() -> str:
@@ -220,18 +265,29 @@ def git_revision() -> str:
     return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def plot(plt, rows: dict[str, dict], teacher: dict, train_frames: int, path: Path) -> None:
-    """Per-frame error at the long length, one line per method plus the teacher; a line at the training length."""
+def plot(plt, runs: dict[int, dict[str, dict]], teachers: dict[int, dict], train_frames: int, path: Path) -> None:
+    """Per-frame error at the long length, one line per method plus the teacher (the mean over the seeds, the
+    seeds' range shaded); a line at the training length."""
+    seeds = list(runs)
+
+    def draw(ax, errs: list[list[float]], **style):
+        frames = range(1, len(errs[0]) + 1)
+        line, = ax.plot(frames, [mean(e) for e in zip(*errs)], **style)
+        if len(errs) > 1:
+            ax.fill_between(frames, [min(e) for e in zip(*errs)], [max(e) for e in zip(*errs)],
+                            color=line.get_color(), alpha=0.15, linewidth=0)
+
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name, r in rows.items():
-        err = r["record"]["long_frame_error"]
-        ax.plot(range(1, len(err) + 1), err, label=METHODS[name].label, marker=".")
-    err = teacher["long_frame_error"]
-    ax.plot(range(1, len(err) + 1), err, label=f"{TEACHER} ({teacher['source']})", color="black", linestyle="--")
+    for name in runs[seeds[0]]:
+        draw(ax, [runs[s][name]["record"]["long_frame_error"] for s in seeds], label=METHODS[name].label, marker=".")
+    draw(ax, [teachers[s]["long_frame_error"] for s in seeds], label=f"{TEACHER} ({teachers[seeds[0]]['source']})",
+         color="black", linestyle="--")
     ax.axvline(train_frames + 0.5, color="grey", linestyle=":", label=f"training length ({train_frames} frames)")
     ax.set_xlabel("frame index")
     ax.set_ylabel("RMSE to the nearest own-prompt template")
-    ax.set_title(f"Toy world: error per frame over {len(err)}-frame rollouts (rolling KV cache)")
+    over = f"; mean over seeds {', '.join(map(str, seeds))}, range shaded" if len(seeds) > 1 else ""
+    ax.set_title(f"Toy world: error per frame over {len(teachers[seeds[0]]['long_frame_error'])}-frame rollouts "
+                 f"(rolling KV cache){over}", fontsize=10)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -240,11 +296,15 @@ def plot(plt, rows: dict[str, dict], teacher: dict, train_frames: int, path: Pat
     plt.close(fig)
 
 
-def document(command: str, cfg: DictConfig, rows: dict[str, dict], teacher: dict, table: str, out: Path,
-             png: Path, started: str, revision: str) -> str:
+def document(command: str, cfg: DictConfig, runs: dict[int, dict[str, dict]], table: str, out: Path, png: Path,
+             started: str, revision: str, seed_dirs: bool, per_seed: str | None) -> str:
     m = cfg.data.metrics
-    first = next(iter(rows.values()))["record"]
+    seeds = list(runs)
+    first = next(iter(runs[seeds[0]].values()))["record"]
     total_batch = cfg.total_batch_size or cfg.batch_size
+    several = len(seeds) > 1
+    seed_text = (f"training seeds {', '.join(map(str, seeds))}, one run per method and seed" if several
+                 else f"training seed {seeds[0]}")
     lines = [
         "# Method comparison on the toy world",
         "",
@@ -254,27 +314,44 @@ def document(command: str, cfg: DictConfig, rows: dict[str, dict], teacher: dict
         f"- git revision: `{revision}`; date: {started}",
         f"- budget, the same for every method: {cfg.max_steps} training steps, batch size {cfg.batch_size} "
         f"(total {total_batch}), one generator update every {cfg.dfake_gen_update_ratio} steps and a critic update every "
-        f"step (ODE regression has no critic: a generator update every step)",
+        f"step (ODE regression has no critic: a generator update every step); torch CPU threads per process: "
+        f"{cfg.threads if cfg.threads is not None else 'torch default'}",
         f"- start: generator `{cfg.model.generator_init or 'random init'}`, critic `{cfg.model.critic_init}`; "
-        f"training seed {cfg.seed} (random initial weights are drawn from it too)",
-        f"- evaluation: {first['num_samples']} samples ({m.samples_per_prompt} per prompt), noise seed {cfg.seed} for every "
-        f"method and the teacher, at {first['num_frames']} frames and at {first['long_num_frames']} frames (training "
-        f"length {cfg.method.num_training_frames}; longer clips roll the KV cache over that many frames); match "
-        f"{match_text(first)}; "
+        f"{seed_text} (random initial weights are drawn from the seed too)",
+        f"- evaluation: {first['num_samples']} samples ({m.samples_per_prompt} per prompt), noise seed = the training "
+        f"seed, the same for every method and the teacher, at {first['num_frames']} frames and at "
+        f"{first['long_num_frames']} frames (training length {cfg.method.num_training_frames}; longer clips roll the KV "
+        f"cache over that many frames); match {match_text(first)}; "
         f"ideal coverage with this many samples {first['coverage_ideal']:.3f}",
         f"- the exact teacher: {m.teacher_steps}-step Euler on its own flow, no guidance",
-        f"- runs: `{out}/<method>/` (metrics.jsonl, checkpoints, sample grids)",
+        f"- runs: `{out}/<method>/{'seed_<N>/' if seed_dirs else ''}` (metrics.jsonl, checkpoints, sample grids)",
         "",
+        ("Each cell is the mean over the seeds and, in brackets, their range (min-max); one seed is one draw, and "
+         "the toy's metrics move by tenths between draws (docs/toy-world.md). " if several else
+         "One seed: each number is one draw, and the toy's metrics move by tenths between draws "
+         "(docs/toy-world.md); `--seeds 0,1,2` gives the mean and range. ") +
         "Wall time: `train s` is the training loop, `run s` the whole run (building, the teacher's reference row, "
         "the final checkpoint and evaluation). Distance: mean distance to the nearest template; frame err: mean over "
         "the named frames of the per-frame RMSE to the nearest template of the sample's prompt.",
         "",
         table,
         "",
-        f"![frame error against frame index]({png.name})",
-        "",
     ]
+    if per_seed:
+        lines += ["The match rate at the training length, run by run:", "", per_seed, ""]
+    lines += [f"![frame error against frame index]({png.name})", ""]
     return "\n".join(lines)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`0,1,2` -> [0, 1, 2]; distinct, non-negative integers."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds takes comma-separated integers like 0,1,2, got {text!r}") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds takes distinct non-negative integers like 0,1,2, got {text!r}")
+    return seeds
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -282,6 +359,9 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
     p.add_argument("--steps", type=int, default=None, help="training steps of every method (default: max_steps)")
+    p.add_argument("--seeds", type=parse_seeds, default=None,
+                   help="comma-separated training seeds, e.g. 0,1,2: every method runs once per seed and the table "
+                        "gives each metric's mean and range (default: the config's single seed)")
     p.add_argument("--out", default=None, help="run folders, one per method (default: outputs/compare_methods/<time>)")
     p.add_argument("--docs", default=str(REPO / "docs"), help="where compare_methods.md and .png are written")
     p.add_argument("overrides", nargs="*", help="Hydra overrides applied to every method, e.g. batch_size=4")
@@ -294,6 +374,8 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--methods names a method twice: {names}")
     if args.steps is not None and args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
+    if args.seeds is not None and any(o.startswith(SEED_KEYS) for o in args.overrides):
+        p.error("give the seeds either with --seeds or as a seed= override, not both")
     plt = require_matplotlib()  # before hours of training, not after
 
     started = datetime.datetime.now().astimezone()
@@ -302,22 +384,30 @@ def main(argv: list[str] | None = None) -> dict:
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"--out {out} is not empty: its runs' metrics.jsonl would mix with new ones; "
                          "remove it or give another folder")
-    cfgs = compose_all(names, args.overrides, args.steps)
-    rows, teacher = run_all(cfgs, out)
+    seed_dirs = args.seeds is not None
+    # every config is composed and checked before the first run trains
+    cfgs = {seed: compose_all(names, args.overrides, args.steps, seed) for seed in (args.seeds or [None])}
+    runs, teachers = {}, {}
+    for cfgs_at_seed in cfgs.values():
+        seed = next(iter(cfgs_at_seed.values())).seed
+        runs[seed], teachers[seed] = run_all(cfgs_at_seed, out, seed_dirs)
 
-    cfg = cfgs[names[0]]
+    cfg = next(iter(next(iter(cfgs.values())).values()))
     train_frames = cfg.method.num_training_frames
-    table = markdown_table(rows, teacher, train_frames)
+    table = markdown_table(runs, teachers, train_frames)
+    per_seed = seed_table(runs, teachers) if len(runs) > 1 else None
     print(table)
+    if per_seed:
+        print(per_seed)
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
     png, md = docs / "compare_methods.png", docs / "compare_methods.md"
-    plot(plt, rows, teacher, train_frames, png)
+    plot(plt, runs, teachers, train_frames, png)
     command = shlex.join(["python", "scripts/compare_methods.py", *argv])
-    md.write_text(document(command, cfg, rows, teacher, table, out, png, started.strftime("%Y-%m-%d %H:%M %Z"),
-                           revision))
+    md.write_text(document(command, cfg, runs, table, out, png, started.strftime("%Y-%m-%d %H:%M %Z"), revision,
+                           seed_dirs, per_seed))
     log0("wrote %s and %s; runs in %s", md, png, out)
-    return {"rows": rows, "teacher": teacher, "table": table, "markdown": md, "png": png}
+    return {"runs": runs, "teachers": teachers, "table": table, "seed_table": per_seed, "markdown": md, "png": png}
 
 
 if __name__ == "__main__":
