@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import warnings
 from pathlib import Path
 from typing import Any
@@ -243,9 +244,13 @@ class CheckpointManager:
     @staticmethod
     def _write_export(folder: Path, weights: dict[str, torch.Tensor], config: dict) -> None:
         folder.mkdir()
-        save_file({k: t.cpu().contiguous() for k, t in weights.items()}, str(folder / "model.safetensors"))
-        _fsync(folder / "model.safetensors")
         (folder / "config.json").write_text(json.dumps(config, indent=2))
+        tensors = folder / "model.safetensors"
+        save_file({k: t.cpu().contiguous() for k, t in weights.items()}, str(tensors))
+        # safetensors writes 0600; give it the permissions of the files written beside it (0666 less
+        # the umask), read from config.json rather than by setting the process-wide umask to read it
+        os.chmod(tensors, stat.S_IMODE((folder / "config.json").stat().st_mode))
+        _fsync(tensors)
 
     def _remove_interrupted(self) -> None:
         # Only the writer cleans up: a reader (inference on a live run) must not delete a save
