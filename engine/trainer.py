@@ -11,6 +11,7 @@ micro-batches: draw, reseed, loss, backward, all-reduce the logs, clip, step, EM
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from engine.config import accumulation_steps, optim_config
 from engine.evaluation import evaluate_toy
 from engine.warm_start import warm_start
 from model.contract import Phase
-from utils.checkpoint import CheckpointManager, resolve_resume
+from utils.checkpoint import CheckpointManager, config_changes, read_per_rank
 from utils.data import Batches
 from utils.distributed import Dist, all_reduce_mean, destroy, init_distributed, log0, pick_device, single_process_group
 from utils.ema import EMA
@@ -187,13 +188,28 @@ class Trainer:
         return ema if ema is not None and ema.active else None
 
     def resume(self) -> int:
-        """Load the checkpoint cfg.resume names, if any; the step to start from."""
-        resume_from = resolve_resume(self.cfg.resume, self.run_dir)
+        """Load the checkpoint cfg.resume names, if any; the step to start from.
+
+        Refused on every rank, before training: a damaged checkpoint and a model it does not fit.
+        Config keys that differ from the checkpoint's are a warning, except those that may
+        change when a run continues: how long, where and on what it runs, what it logs and keeps.
+        """
+        cfg = self.cfg
+        resume_from = self.checkpoints.prepare_resume(cfg.resume)
         self.resumed = resume_from is not None
         if resume_from is None:
             return 0
+        current = OmegaConf.to_yaml(cfg)
+        saved = read_per_rank(resume_from).get("meta", {}).get("config") if self.dist.is_main else None
+        if saved:
+            may_change = ("resume", "max_steps", "checkpoint", "eval", "logger", "threads", "debug", "device", "fsdp")
+            changed = config_changes(saved, current, ignore=may_change)
+            if changed:
+                log0("resuming from %s with %d config keys changed: %s", resume_from, len(changed), "; ".join(changed),
+                     level=logging.WARNING)
         start = self.checkpoints.load(resume_from, self.state)
         set_rng_state(self.state["meta"]["rng"])
+        self.state["meta"]["config"] = current  # the next checkpoints hold the config they were trained with
         log0("resumed from %s at step %d", resume_from, start)
         return start
 

@@ -1,13 +1,46 @@
-"""Nothing lost, nothing silent (issue 22): the export has the same permissions as the files beside it."""
+"""Nothing silent (issue 22): damaged checkpoints are named with their cause and the previous
+complete step; config changes are a warning and shape changes one line; the export has the same
+permissions as the files beside it."""
 
+import json
+import logging
 import os
+import re
 import stat
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
-from utils.checkpoint import CheckpointManager
+import train
+import utils.checkpoint as ckpt
+from engine.config import validate
+from tests.dist_setup import spawn_ranks
+from tests.train_setup import compose_config
+from utils.checkpoint import CheckpointManager, DamagedCheckpoint, config_changes, read_per_rank, resolve_resume
+from utils.distributed import barrier, init_distributed
+
+
+@pytest.fixture
+def logs():
+    """Records of the project's loggers (pytest runs with -p no:logging, so no caplog)."""
+    records = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    loggers = [logging.getLogger(name) for name in ("utils", "engine")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.INFO)
+        lg.addHandler(handler)
+    yield records
+    for lg, level in zip(loggers, levels):
+        lg.removeHandler(handler)
+        lg.setLevel(level)
+
+
+def said(records, level) -> list[str]:
+    return [r.getMessage() for r in records if r.levelno == level]
 
 
 def state(seed=0, hidden=8, meta="a: 1"):
@@ -16,6 +49,157 @@ def state(seed=0, hidden=8, meta="a: 1"):
     return {"model": model, "optim": torch.optim.AdamW(model.parameters()), "meta": {"config": meta}}
 
 
+def names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def steps(*numbers) -> list[str]:
+    return [f"step_{n:06d}" for n in numbers]
+
+
+# ---------------------------------------------------------------------------- nothing silent
+def test_latest_with_no_checkpoint_says_it_starts_fresh(tmp_path, logs):
+    manager = CheckpointManager(tmp_path, keep=0)
+    assert manager.prepare_resume("latest") is None
+    assert said(logs, logging.INFO) == [f"resume=latest: no complete checkpoint in {tmp_path / 'checkpoints'}; starting fresh"]
+    (tmp_path / "checkpoints" / "step_000002.tmp").mkdir(parents=True)  # killed in its first save
+    assert manager.prepare_resume("latest") is None
+    assert "step_000002.tmp: an interrupted save" in said(logs, logging.INFO)[-1]
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def unrecorded(step_dir: Path) -> None:
+    """As written before meta.json recorded file sizes."""
+    meta = json.loads((step_dir / "meta.json").read_text())
+    del meta["files"]
+    (step_dir / "meta.json").write_text(json.dumps(meta))
+
+
+DAMAGE = {
+    "truncated shard": (lambda d: truncate(d / "__0_0.distcp"), r"__0_0\.distcp is truncated \(\d+ of \d+ bytes\)"),
+    "truncated index": (lambda d: truncate(d / ".metadata"), r"\.metadata is truncated \(\d+ of \d+ bytes\)"),
+    "missing rank file": (lambda d: (d / "rank_00000.pt").unlink(), r"rank_00000\.pt is missing"),
+    "missing meta.json": (lambda d: (d / "meta.json").unlink(), r"meta\.json is missing"),
+    "garbled meta.json": (lambda d: (d / "meta.json").write_text("{"), r"meta\.json is unreadable"),
+    "older format, truncated shard": (lambda d: (unrecorded(d), truncate(d / "__0_0.distcp")),
+                                      r"__0_0\.distcp is truncated \(\d+ bytes, DCP's index reaches byte \d+\)"),
+    "older format, truncated index": (lambda d: (unrecorded(d), truncate(d / ".metadata")), r"\.metadata is unreadable"),
+}
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_a_damaged_checkpoint_is_named_with_its_cause_and_the_previous_step(tmp_path, logs, kind):
+    damage, cause = DAMAGE[kind]
+    manager = CheckpointManager(tmp_path, keep=0)
+    export = {"weights": {"w": torch.ones(3)}, "config": {}}
+    for step in (2, 4):
+        manager.save(step, state(), export=export)
+    root = tmp_path / "checkpoints"
+    good, bad = root / "step_000002", root / "step_000004"
+    damage(bad)
+
+    # Given explicitly: refused, in one line naming the file, the cause and the step to use instead.
+    for attempt in (lambda: manager.prepare_resume(bad), lambda: CheckpointManager(tmp_path, keep=0).load(bad, state())):
+        with pytest.raises((ValueError, FileNotFoundError)) as refused:
+            attempt()
+        message = str(refused.value)
+        assert "\n" not in message and str(bad) in message
+        assert re.search(cause, message), message
+        assert f"the previous complete step is {good}" in message
+
+    # resume=latest: falls back, loudly.
+    assert manager.prepare_resume("latest") == good
+    warned = said(logs, logging.WARNING)
+    assert len(warned) == 1 and "step_000004" in warned[0] and str(good) in warned[0]
+    assert re.search(cause, warned[0]), warned[0]
+
+
+def test_latest_with_only_damaged_checkpoints_refuses(tmp_path):
+    CheckpointManager(tmp_path, keep=0).save(2, state())
+    (tmp_path / "checkpoints" / "step_000002" / "rank_00000.pt").unlink()
+    with pytest.raises(DamagedCheckpoint, match=r"^resume=latest: no loadable checkpoint in .*rank_00000\.pt is missing"):
+        resolve_resume("latest", tmp_path)
+
+
+def test_sizes_are_recorded_and_a_grown_run_keeps_its_new_ranks_values(tmp_path, logs, monkeypatch):
+    path = CheckpointManager(tmp_path, keep=0).save(1, state(), export={"weights": {"w": torch.ones(3)}, "config": {}})
+    files = json.loads((path / "meta.json").read_text())["files"]
+    assert {"__0_0.distcp", ".metadata", "rank_00000.pt", "export/model.safetensors", "export/config.json"} <= set(files)
+    assert all(files[rel] == (path / rel).stat().st_size for rel in files)
+    # The export is for inference, never read on resume: its damage is named only when asked for.
+    truncate(path / "export" / "model.safetensors")
+    assert ckpt.damage(path) is None
+    assert re.fullmatch(r"export/model\.safetensors is truncated \(\d+ of \d+ bytes\)", ckpt.damage(path, export=True))
+
+    # Rank 1 of a run grown to 2 ranks: no file of its own is expected, so its plain dicts are kept.
+    monkeypatch.setattr(ckpt, "get_rank", lambda: 1)
+    loaded = state(seed=1, meta="mine")
+    assert CheckpointManager(tmp_path, keep=0).load(path, loaded) == 1
+    assert loaded["meta"] == {"config": "mine"}
+    assert torch.equal(loaded["model"][0].weight, state()["model"][0].weight)
+    assert any("has no file for rank 1" in m for m in said(logs, logging.WARNING))
+
+
+def test_a_model_of_another_shape_is_one_line_naming_keys_and_shapes(tmp_path):
+    path = CheckpointManager(tmp_path, keep=0).save(1, state(hidden=8))
+    with pytest.raises(ValueError) as wider:
+        CheckpointManager(tmp_path, keep=0).load(path, state(hidden=16))
+    message = str(wider.value)
+    assert "\n" not in message and message.startswith(f"checkpoint {path} does not fit")
+    assert "model.0.weight: [16, 4] here, [8, 4] in the checkpoint" in message
+    with pytest.raises(ValueError, match=r"2 tensors of the checkpoint are not in the model \(model\.2\.bias; model\.2\.weight\)"):
+        CheckpointManager(tmp_path, keep=0).load(path, {"model": nn.Sequential(nn.Linear(4, 8))})
+
+
+def test_config_changes_name_dotted_keys_old_and_new():
+    saved = "max_steps: 10\nmethod:\n  guidance_scale: 3.0\n  steps: [1, 2]\nlogger: {every: 1}\n"
+    current = "max_steps: 20\nmethod:\n  guidance_scale: 4.0\n  steps: [1, 2]\n  extra: x\nlogger: {every: 5}\n"
+    assert config_changes(saved, current, ignore=("max_steps", "logger")) == [
+        "method.extra: <absent> -> x", "method.guidance_scale: 3.0 -> 4.0"]
+
+
+# ---------------------------------------------------------------------------- two ranks agree
+def _two_rank_worker(rank, world, port, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    init_distributed("cpu")
+    root, seen = out / "checkpoints", {}
+    manager = CheckpointManager(out, keep=0)
+    for step in (2, 4):
+        manager.save(step, {**state(), "ranked": {"rank": rank}})
+    attempts = {
+        "damaged": lambda: manager.load(root / "step_000004", {**state(), "ranked": {}}),
+    }
+    for name, attempt in attempts.items():
+        if name == "damaged" and rank == 0:
+            (root / "step_000004" / "rank_00001.pt").unlink()  # rank 1's own file
+        barrier()
+        try:
+            attempt()
+            seen[name] = None
+        except ValueError as e:
+            seen[name] = str(e)
+    ranked = {}
+    seen["latest"] = str(manager.load(manager.prepare_resume("latest"), {**state(), "ranked": ranked}))
+    seen["ranked"] = ranked["rank"]
+    (out / f"rank{rank}.json").write_text(json.dumps(seen))
+    barrier()  # tear gloo down together
+    torch.distributed.destroy_process_group()
+
+
+def test_every_rank_refuses_together(tmp_path):
+    spawn_ranks(_two_rank_worker, 2, tmp_path)
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank, s in enumerate(seen):
+        assert "rank_00001.pt is missing" in s["damaged"] and "step_000002" in s["damaged"]
+        assert s["latest"] == "2" and s["ranked"] == rank
+
+
+# ---------------------------------------------------------------------------- the export
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_the_export_has_the_permissions_of_the_files_beside_it(tmp_path, umask):
     previous = os.umask(umask)
@@ -26,3 +210,30 @@ def test_the_export_has_the_permissions_of_the_files_beside_it(tmp_path, umask):
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
     export = path / "export"
     assert mode(export / "model.safetensors") == mode(export / "config.json") == 0o666 & ~umask
+
+
+# ---------------------------------------------------------------------------- through train.py
+@pytest.mark.slow
+def test_training_warns_of_config_changes_and_stops_in_one_line(tmp_path, logs):
+    run_dir = tmp_path / "P"
+    root = run_dir / "checkpoints"
+
+    def run(*overrides):
+        cfg = compose_config(*overrides)
+        validate(cfg)
+        return train.train(cfg, run_dir)
+
+    run("max_steps=3")
+    logs.clear()
+    run("max_steps=4", "resume=latest", "method.guidance_scale=2.5")
+    changed = [m for m in said(logs, logging.WARNING) if "config keys changed" in m]
+    keys = changed[0].split("changed: ")[1] if len(changed) == 1 else ""
+    assert re.fullmatch(r"method\.guidance_scale: \S+ -> 2\.5", keys), changed  # not max_steps, not resume
+    assert "guidance_scale: 2.5" in read_per_rank(root / "step_000004")["meta"]["config"]  # what step 4 trained with
+
+    with pytest.raises(ValueError) as misfit:
+        run("max_steps=5", "resume=latest", "model.backbone.ffn_dim=48")
+    message = str(misfit.value)
+    assert "\n" not in message and message.startswith(f"checkpoint {root / 'step_000004'} does not fit")
+    assert re.search(r"generator\.\S+: \[48, 16\] here, \[32, 16\] in the checkpoint", message), message
+    assert any("model.backbone.ffn_dim: 32 -> 48" in m for m in said(logs, logging.WARNING))

@@ -202,12 +202,6 @@ def test_keep_and_resume_paths(tmp_path):
     with pytest.raises(KeyError, match=r"no modules \['critic'\]"):
         manager.load(tmp_path, {"critic": nn.Linear(4, 8)})
 
-    # A rank with no file of its own (the run grew) keeps its current plain dicts.
-    (newest / "rank_00000.pt").unlink()
-    extra = {"mine": 1}
-    assert manager.load(tmp_path, {"model": run.model, "extra": extra}) == 3
-    assert extra == {"mine": 1}
-
     keep_all = CheckpointManager(tmp_path / "all", keep=0)
     for step in (1, 2, 3):
         keep_all.save(step, run.state())

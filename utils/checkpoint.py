@@ -10,6 +10,13 @@ dicts (step, RNG states, config text) are per rank (`rank_XXXXX.pt`): RNG states
 Everything is written to `step_XXXXXX.tmp/` and renamed once every rank has finished, so a
 directory without `.tmp` is complete. The export (`export/model.safetensors`, `export/config.json`)
 is for inference only and never read on resume (EDM2 keeps snapshots and training state apart).
+
+Nothing lost, nothing silent:
+- `meta.json` records every file's size, so a truncated or missing file is named before DCP reads
+  it (`damage`); `resume=latest` passes over a damaged newest step with a warning, an explicit
+  path refuses it, naming the previous complete step.
+- Shapes are compared with DCP's index before loading: a model of another size is one line naming
+  the tensors and both shapes.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -38,19 +46,29 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from utils.distributed import all_gather_object, barrier, get_rank, get_world_size, is_main
+from utils.distributed import all_gather_object, barrier, broadcast_object, get_rank, get_world_size, is_main, log0
 from utils.fsdp import reshard
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 META = "meta.json"
+DCP_INDEX = ".metadata"  # DCP's index: tensor shapes and where their bytes are
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_ANY_STEP = re.compile(r"^step_(\d+)(\.tmp)?$")  # complete or interrupted
 _WHERE = "a step directory (<run_dir>/checkpoints/step_XXXXXX) or a run directory holding checkpoints/"
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint with a missing, truncated or unreadable file; the message names it and what to do."""
 
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
+
+
+def rank_file_name(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
 
 
 def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -62,9 +80,110 @@ def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted((int(m.group(1)), p) for m, p in matches if m and (p / META).is_file())
 
 
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every step directory under checkpoints/, interrupted (.tmp) ones included,
+    oldest first (at one step, the .tmp first)."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), m.group(2) is None, p) for p in root.iterdir() if (m := _ANY_STEP.match(p.name))]
+    return [(step, p) for step, _, p in sorted(found)]
+
+
 def latest(run_dir: str | Path) -> Path | None:
     found = complete_checkpoints(run_dir)
     return found[-1][1] if found else None
+
+
+def read_meta(path: str | Path) -> dict:
+    return json.loads((Path(path) / META).read_text())
+
+
+def _dcp_index(path: Path):
+    return dcp.FileSystemReader(str(path)).read_metadata()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def _size_problem(path: Path, rel: str, size: int | None) -> str | None:
+    f = path / rel
+    if not f.is_file():
+        return f"{rel} is missing"
+    have = f.stat().st_size
+    if size is None or have == size:
+        return None
+    if have < size:
+        return f"{rel} is truncated ({have} of {size} bytes)"
+    return f"{rel} has {have} bytes, {size} were written"
+
+
+def damage(path: str | Path, export: bool = False) -> str | None:
+    """Why the step directory `path` cannot be resumed from (a missing, truncated or unreadable file), or None.
+
+    Cheap (no tensor is read): every file's size against the one meta.json recorded when it was
+    written, then DCP's index, which must unpickle and whose byte ranges must lie inside their
+    files. A checkpoint written before sizes were recorded gets the index check and presence only.
+    The export is never read on resume, so its files are checked only with `export=True`.
+    """
+    path = Path(path)
+    if path.name.endswith(".tmp"):
+        return "an interrupted save (never renamed to complete)"
+    try:
+        meta = read_meta(path)
+    except FileNotFoundError:
+        return f"{META} is missing (the save did not complete)"
+    except (OSError, ValueError) as e:
+        return f"{META} is unreadable ({_first_line(e)})"
+    expected = meta.get("files")
+    if expected is None:  # written before sizes were recorded: which files must be there
+        expected = {DCP_INDEX: None} if any(meta.get(k) for k in ("modules", "optimizers", "stateful")) else {}
+        if meta.get("per_rank"):
+            expected |= {rank_file_name(r): None for r in range(int(meta.get("world_size", 1)))}
+    for rel, size in expected.items():
+        if (export or not rel.startswith("export/")) and (problem := _size_problem(path, rel, size)):
+            return problem
+    if (path / DCP_INDEX).is_file():
+        try:
+            index = _dcp_index(path)
+        except Exception as e:  # a truncated or foreign pickle: whatever unpickling raised
+            return f"{DCP_INDEX} is unreadable ({_first_line(e)})"
+        ends: dict[str, int] = {}
+        for info in index.storage_data.values():
+            ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+        for rel, end in sorted(ends.items()):
+            f = path / rel
+            if not f.is_file():
+                return f"{rel} is missing"
+            if f.stat().st_size < end:
+                return f"{rel} is truncated ({f.stat().st_size} bytes, DCP's index reaches byte {end})"
+    return None
+
+
+def _previous_intact(path: Path) -> Path | None:
+    """The newest loadable checkpoint older than `path` in its checkpoints/ directory."""
+    m = _ANY_STEP.match(path.name)
+    step = int(m.group(1)) if m else None
+    for s, p in reversed(complete_checkpoints(path.parent.parent)):
+        if (step is None or s < step) and p != path and damage(p) is None:
+            return p
+    return None
+
+
+def _what_to_do(path: Path) -> str:
+    previous = _previous_intact(path)
+    if previous is not None:
+        return f"the previous complete step is {previous} (resume={previous})"
+    return f"there is no earlier complete checkpoint in {path.parent}"
+
+
+def check_intact(path: str | Path) -> None:
+    """Raise DamagedCheckpoint naming the file, the cause and the previous complete step, if `path` is damaged."""
+    path = Path(path)
+    cause = damage(path)
+    if cause is not None:
+        raise DamagedCheckpoint(f"checkpoint {path} cannot be loaded: {cause}; {_what_to_do(path)}")
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -72,7 +191,9 @@ def find_checkpoint(path: str | Path) -> Path:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"checkpoint path {p} does not exist; expected {_WHERE}")
-    if _STEP_DIR.match(p.name) and (p / META).is_file():
+    if _ANY_STEP.match(p.name):
+        if p.name.endswith(".tmp") or not (p / META).is_file():
+            raise FileNotFoundError(f"checkpoint {p} is incomplete: {damage(p)}; {_what_to_do(p)}")
         return p
     newest = latest(p) or (latest(p.parent) if p.name == CHECKPOINTS else None)
     if newest is None:
@@ -83,13 +204,86 @@ def find_checkpoint(path: str | Path) -> Path:
     return newest
 
 
+def newest_intact(run_dir: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest loadable checkpoint of run_dir, and the newer step directories passed over, with why."""
+    passed = []
+    for _, p in reversed(_step_dirs(Path(run_dir) / CHECKPOINTS)):
+        cause = damage(p)
+        if cause is None:
+            return p, passed
+        passed.append((p, cause))
+    return None, passed
+
+
 def resolve_resume(resume: str | Path | None, run_dir: str | Path) -> Path | None:
-    """`None` -> start fresh; `"latest"` -> newest checkpoint of run_dir or None; else a path."""
+    """`None` -> start fresh; `"latest"` -> newest loadable checkpoint of run_dir or None; else a path.
+
+    `latest` says so when it starts fresh, and warns when it passes over a damaged or interrupted
+    newer step; an explicit path is refused if damaged. Run it on one rank (it logs):
+    CheckpointManager.prepare_resume does, for every rank.
+    """
     if resume is None:
         return None
-    if str(resume) == "latest":
-        return latest(run_dir)
-    return find_checkpoint(resume)
+    if str(resume) != "latest":
+        path = find_checkpoint(resume)
+        check_intact(path)
+        return path
+    root = Path(run_dir) / CHECKPOINTS
+    found, passed = newest_intact(run_dir)
+    why = "; ".join(f"{p.name}: {cause}" for p, cause in passed)
+    if found is not None:
+        if passed:
+            log0("resume=latest: passing over %s; resuming from %s instead", why, found, level=logging.WARNING)
+        return found
+    if any(not p.name.endswith(".tmp") for p, _ in passed):
+        raise DamagedCheckpoint(
+            f"resume=latest: no loadable checkpoint in {root} ({why}); move the damaged step directories "
+            "aside to start fresh here, or start fresh in a new run directory (hydra.run.dir=...)"
+        )
+    log0("resume=latest: no complete checkpoint in %s%s; starting fresh", root, f" ({why})" if passed else "")
+    return None
+
+
+def _agreed(fn):
+    """fn() on rank 0; its result, or its exception, on every rank (so that all ranks refuse together)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return fn()
+    outcome = None
+    if is_main():
+        try:
+            outcome = ("ok", fn())
+        except Exception as e:
+            outcome = ("error", e)
+    kind, value = broadcast_object(outcome)
+    if kind == "error":
+        if is_main():
+            raise outcome[1]
+        raise value
+    return value
+
+
+def read_per_rank(path: str | Path, rank: int = 0) -> dict:
+    """The plain dicts one rank saved (step, RNG states, config text), without loading anything else."""
+    return torch.load(Path(path) / rank_file_name(rank), weights_only=True)
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict) and node:
+        out = {}
+        for k, v in node.items():
+            out |= _flat(v, f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return {prefix: node}
+
+
+def config_changes(saved: str, current: str, ignore: tuple[str, ...] = ()) -> list[str]:
+    """`key: old -> new` for each dotted key whose value differs between two YAML configs, keys
+    equal to or under an `ignore` entry excepted (a missing key reads <absent>)."""
+    old, new = (_flat(OmegaConf.to_container(OmegaConf.create(text), resolve=False)) for text in (saved, current))
+    skip = lambda k: any(k == i or k.startswith(i + ".") for i in ignore)  # noqa: E731
+    absent = "<absent>"
+    return [f"{k}: {old.get(k, absent)} -> {new.get(k, absent)}" for k in sorted(old.keys() | new.keys())
+            if not skip(k) and old.get(k, absent) != new.get(k, absent)]
 
 
 def _split(state: dict[str, Any]) -> tuple[dict, dict, dict, dict]:
@@ -174,10 +368,45 @@ def _per_rank_bytes(plain: dict[str, dict]) -> bytes:
     return buffer.getvalue()
 
 
+def _sizes(folder: Path) -> dict[str, int]:
+    """{relative path: bytes} of every file under folder: what load() checks for truncation."""
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def _fsync(path: Path) -> None:
     """Data on disk before the rename that declares the checkpoint complete."""
     with open(path, "rb") as f:
         os.fsync(f.fileno())
+
+
+def _some(names: list[str], n: int = 3) -> str:
+    return "; ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _misfit(to_load: dict[str, Any], index, modules: dict) -> str | None:
+    """What of `to_load` the checkpoint cannot fill (DCP's index: global shapes by flattened name), or None."""
+    saved = index.state_dict_metadata
+    shapes, absent, extra = [], [], []
+    for key, tree in to_load.items():
+        for name, t in _tensors(tree, key):
+            entry = saved.get(name)
+            if entry is None:
+                absent.append(name)
+            elif not hasattr(entry, "size"):
+                shapes.append(f"{name}: a tensor {list(t.shape)} here, not a tensor in the checkpoint")
+            elif tuple(entry.size) != tuple(t.shape):
+                shapes.append(f"{name}: {list(t.shape)} here, {list(entry.size)} in the checkpoint")
+    for key in modules:  # a module's state is all tensors: any other saved name is a parameter it lacks
+        ours = {name for name, _ in _tensors(to_load[key], key)}
+        extra += [name for name in saved if name.startswith(key + ".") and name not in ours]
+    parts = []
+    if shapes:
+        parts.append(f"{len(shapes)} tensors differ in shape ({_some(shapes)})")
+    if absent:
+        parts.append(f"{len(absent)} tensors are not in the checkpoint ({_some(absent)})")
+    if extra:
+        parts.append(f"{len(extra)} tensors of the checkpoint are not in the model ({_some(sorted(extra))})")
+    return "; ".join(parts) or None
 
 
 class CheckpointManager:
@@ -185,6 +414,10 @@ class CheckpointManager:
         self.run_dir = Path(run_dir)
         self.root = self.run_dir / CHECKPOINTS
         self.keep = int(keep)
+
+    def prepare_resume(self, resume: str | Path | None) -> Path | None:
+        """The checkpoint to resume from (None: start fresh), resolved on rank 0 and agreed by every rank."""
+        return _agreed(lambda: resolve_resume(resume, self.run_dir))
 
     def save(self, step: int, state: dict[str, Any], export: dict | None = None) -> Path:
         """Save on every rank (collective). `export` = {"weights": {name: tensor}, "config": dict}."""
@@ -208,19 +441,19 @@ class CheckpointManager:
         barrier()
 
         _dcp(dcp.save, to_save, tmp)
-        rank_file = tmp / f"rank_{get_rank():05d}.pt"
+        rank_file = tmp / rank_file_name(get_rank())
         rank_file.write_bytes(per_rank)
         _fsync(rank_file)
-        if is_main():
-            if weights:
-                self._write_export(tmp / "export", weights, export.get("config", {}))
-            kinds = {"modules": modules, "optimizers": optims, "stateful": stateful, "per_rank": plain}
-            meta = {"step": step, "world_size": get_world_size()} | {k: sorted(v) for k, v in kinds.items()}
-            (tmp / META).write_text(json.dumps(meta, indent=2))
-            _fsync(tmp / META)
-        barrier()  # every rank's files are on disk before the directory becomes "complete"
+        if is_main() and weights:
+            self._write_export(tmp / "export", weights, export.get("config", {}))
+        barrier()  # every rank's files are on disk: rank 0 records their sizes, then declares the step complete
 
         if is_main():
+            kinds = {"modules": modules, "optimizers": optims, "stateful": stateful, "per_rank": plain}
+            meta = {"step": step, "world_size": get_world_size()}
+            meta |= {k: sorted(v) for k, v in kinds.items()} | {"files": _sizes(tmp)}
+            (tmp / META).write_text(json.dumps(meta, indent=2))
+            _fsync(tmp / META)
             if final.exists():  # saving the same step twice (e.g. a final save right after a periodic one)
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -270,11 +503,14 @@ class CheckpointManager:
         """Load a checkpoint (step dir or run dir) into `state`, in place; returns its step.
 
         Collective under torchrun. Only the keys of `state` are read, so inference can load just
-        the generator or the EMA. Plain dicts are replaced in place from this rank's file; after a
-        world-size change ranks without a file keep their current values (reseed them yourself).
+        the generator or the EMA. A damaged checkpoint, or one whose tensors do not fit `state`'s
+        shapes, is refused before anything is read. Plain dicts are replaced in place from this
+        rank's file; after a world-size change ranks without a file keep their current values
+        (reseed them yourself).
         """
         path = find_checkpoint(path)
-        meta = json.loads((path / META).read_text())
+        _agreed(lambda: check_intact(path))
+        meta = read_meta(path)
         modules, optims, stateful, plain = _split(state)
         for kind, keys in (("modules", modules), ("optimizers", optims), ("stateful", stateful), ("per_rank", plain)):
             missing = sorted(set(keys) - set(meta[kind]))
@@ -283,6 +519,11 @@ class CheckpointManager:
 
         to_load, owners = _state_dicts(modules, optims, stateful)
         if to_load:
+            misfit = _agreed(lambda: _misfit(to_load, _dcp_index(path), modules))
+            if misfit is not None:
+                raise ValueError(f"checkpoint {path} does not fit what is being loaded: {misfit}; it was saved "
+                                 "with another model configuration (resume from a checkpoint of this model, or build "
+                                 "the model it was saved with)")
             _dcp(dcp.load, to_load, path)
         for k, m in modules.items():
             set_model_state_dict(m, to_load[k])
@@ -292,16 +533,20 @@ class CheckpointManager:
             s.load_state_dict(to_load[k])
 
         if plain:
-            rank_file = path / f"rank_{get_rank():05d}.pt"
+            rank_file = path / rank_file_name(get_rank())
             if rank_file.is_file():
                 saved = torch.load(rank_file, weights_only=True)
                 for k, target in plain.items():
                     target.clear()
                     target.update(saved[k])
+            elif get_rank() < meta["world_size"]:  # damage() saw it a moment ago: gone since
+                raise DamagedCheckpoint(f"checkpoint {path} cannot be loaded: {rank_file.name} is missing; "
+                                        f"{_what_to_do(path)}")
             else:
                 logger.warning(
                     "%s was saved by %d ranks and has no file for rank %d; %s keep their current values",
                     path, meta["world_size"], get_rank(), sorted(plain),
                 )
-        logger.info("loaded checkpoint %s (step %d)", path, meta["step"])
-        return int(meta["step"])
+        step = int(meta["step"])
+        logger.info("loaded checkpoint %s (step %d)", path, step)
+        return step
