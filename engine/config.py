@@ -99,6 +99,7 @@ class WarmStartSchema:
 class CheckpointSchema:
     every: int = 500  # steps between checkpoints (<= 0: only at the end)
     keep: int = 3  # newest complete checkpoints kept (<= 0: all)
+    move_newer: bool = False  # move newer steps of another run in the run dir aside (checkpoints/abandoned_from_step_N/), not refuse
 
 
 @dataclass

@@ -190,12 +190,13 @@ class Trainer:
     def resume(self) -> int:
         """Load the checkpoint cfg.resume names, if any; the step to start from.
 
-        Refused on every rank, before training: a damaged checkpoint and a model it does not fit.
-        Config keys that differ from the checkpoint's are a warning, except those that may
+        Refused on every rank, before training: a damaged checkpoint, a model it does not fit, and
+        newer steps of another run in this run directory (unless checkpoint.move_newer moves them
+        aside). Config keys that differ from the checkpoint's are a warning, except those that may
         change when a run continues: how long, where and on what it runs, what it logs and keeps.
         """
         cfg = self.cfg
-        resume_from = self.checkpoints.prepare_resume(cfg.resume)
+        resume_from = self.checkpoints.prepare_resume(cfg.resume, move_newer=cfg.checkpoint.move_newer)
         self.resumed = resume_from is not None
         if resume_from is None:
             return 0

@@ -1,4 +1,6 @@
-"""Nothing silent (issue 22): damaged checkpoints are named with their cause and the previous
+"""Nothing lost, nothing silent (issue 22): a resumed run never prunes another run's checkpoints or
+the one it resumed from before it has its own; a run refuses newer steps of another run in its
+directory or moves them aside; damaged checkpoints are named with their cause and the previous
 complete step; config changes are a warning and shape changes one line; the export has the same
 permissions as the files beside it."""
 
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 
 import train
 import utils.checkpoint as ckpt
@@ -55,6 +58,69 @@ def names(folder: Path) -> list[str]:
 
 def steps(*numbers) -> list[str]:
     return [f"step_{n:06d}" for n in numbers]
+
+
+# ---------------------------------------------------------------------------- nothing lost
+def test_resuming_an_older_step_refuses_then_moves_the_newer_steps_aside(tmp_path, logs):
+    earlier = CheckpointManager(tmp_path, keep=0)
+    for step in (2, 4, 6, 8):
+        earlier.save(step, state())
+    root = tmp_path / "checkpoints"
+    resumed = CheckpointManager(tmp_path, keep=2)
+
+    with pytest.raises(ValueError) as refused:
+        resumed.prepare_resume(root / "step_000002")
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "resuming from step 2" in message and "step_000004, step_000006, step_000008" in message
+    assert "hydra.run.dir=" in message and "checkpoint.move_newer=true" in message
+    assert names(root) == steps(2, 4, 6, 8)  # refused before anything moved
+
+    assert resumed.prepare_resume(root / "step_000002", move_newer=True) == root / "step_000002"
+    aside = root / "abandoned_from_step_000002"
+    assert names(aside) == steps(4, 6, 8)
+    assert any(str(aside) in m and "step_000008" in m for m in said(logs, logging.WARNING))
+    assert resumed.load(root / "step_000002", state(seed=1)) == 2
+
+    resumed.save(4, state())
+    assert names(root) == ["abandoned_from_step_000002", *steps(2, 4)]  # kept until keep=2 of its own exist
+    resumed.save(5, state())
+    assert names(root) == ["abandoned_from_step_000002", *steps(4, 5)]
+    assert names(aside) == steps(4, 6, 8)  # the abandoned run is whole
+    assert resolve_resume("latest", tmp_path) == root / "step_000005"  # latest now means the new run
+
+
+def test_a_fresh_start_among_checkpoints_is_refused_or_moves_them(tmp_path):
+    CheckpointManager(tmp_path, keep=0).save(3, state())
+    with pytest.raises(ValueError, match=r"^starting fresh in .* already holds later steps of another run \(step_000003\).*"
+                                         r"resume=latest to continue that run, or pass checkpoint.move_newer=true"):
+        CheckpointManager(tmp_path, keep=1).prepare_resume(None)
+    assert CheckpointManager(tmp_path, keep=1).prepare_resume(None, move_newer=True) is None
+    assert names(tmp_path / "checkpoints") == ["abandoned_from_step_000000"]
+
+
+def test_pruning_removes_only_this_runs_line(tmp_path):
+    # An unrelated run's checkpoint in the directory; the run resumes from a checkpoint elsewhere.
+    here, there = tmp_path / "here", tmp_path / "there"
+    CheckpointManager(here, keep=0).save(1, state())
+    CheckpointManager(there, keep=0).save(3, state())
+    run = CheckpointManager(here, keep=2)
+    run.load(run.prepare_resume(there / "checkpoints" / "step_000003"), state())
+    for step in (4, 5, 6):
+        run.save(step, state())
+    assert names(here / "checkpoints") == steps(1, 5, 6)
+    assert names(there / "checkpoints") == steps(3)
+
+    # Resumed again and again in one directory, a run's older checkpoints are still pruned (no leak).
+    chain = tmp_path / "chain"
+    first = CheckpointManager(chain, keep=2)
+    for step in (1, 2, 3):
+        first.save(step, state())
+    for step in (4, 5):
+        again = CheckpointManager(chain, keep=2)
+        again.load(again.prepare_resume("latest"), state())
+        again.save(step, state())
+    assert names(chain / "checkpoints") == steps(4, 5)
 
 
 # ---------------------------------------------------------------------------- nothing silent
@@ -117,6 +183,21 @@ def test_a_damaged_checkpoint_is_named_with_its_cause_and_the_previous_step(tmp_
     assert re.search(cause, warned[0]), warned[0]
 
 
+def test_a_damaged_newest_step_is_kept_aside_when_the_run_reaches_it(tmp_path):
+    first = CheckpointManager(tmp_path, keep=2)
+    for step in (2, 4):
+        first.save(step, state())
+    root = tmp_path / "checkpoints"
+    truncate(root / "step_000004" / "__0_0.distcp")
+    again = CheckpointManager(tmp_path, keep=2)
+    again.load(again.prepare_resume("latest"), state())  # step 2; the damaged 4 is no refusal
+    again.save(3, state())
+    again.save(4, state())
+    assert names(root) == ["displaced_step_000004", *steps(3, 4)]
+    assert ckpt.damage(root / "displaced_step_000004" / "step_000004") is not None
+    assert ckpt.damage(root / "step_000004") is None
+
+
 def test_latest_with_only_damaged_checkpoints_refuses(tmp_path):
     CheckpointManager(tmp_path, keep=0).save(2, state())
     (tmp_path / "checkpoints" / "step_000002" / "rank_00000.pt").unlink()
@@ -172,6 +253,7 @@ def _two_rank_worker(rank, world, port, out):
     for step in (2, 4):
         manager.save(step, {**state(), "ranked": {"rank": rank}})
     attempts = {
+        "older": lambda: manager.prepare_resume(root / "step_000002"),
         "damaged": lambda: manager.load(root / "step_000004", {**state(), "ranked": {}}),
     }
     for name, attempt in attempts.items():
@@ -195,6 +277,7 @@ def test_every_rank_refuses_together(tmp_path):
     spawn_ranks(_two_rank_worker, 2, tmp_path)
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for rank, s in enumerate(seen):
+        assert "resuming from step 2" in s["older"] and "step_000004" in s["older"]
         assert "rank_00001.pt is missing" in s["damaged"] and "step_000002" in s["damaged"]
         assert s["latest"] == "2" and s["ranked"] == rank
 
@@ -214,7 +297,7 @@ def test_the_export_has_the_permissions_of_the_files_beside_it(tmp_path, umask):
 
 # ---------------------------------------------------------------------------- through train.py
 @pytest.mark.slow
-def test_training_warns_of_config_changes_and_stops_in_one_line(tmp_path, logs):
+def test_training_refuses_moves_aside_warns_and_stops_in_one_line(tmp_path, logs):
     run_dir = tmp_path / "P"
     root = run_dir / "checkpoints"
 
@@ -223,7 +306,17 @@ def test_training_warns_of_config_changes_and_stops_in_one_line(tmp_path, logs):
         validate(cfg)
         return train.train(cfg, run_dir)
 
-    run("max_steps=3")
+    run("max_steps=3")  # steps 1, 2, 3 (checkpoint.every=1, keep=0)
+    with pytest.raises(ValueError, match=r"resuming from step 2 .*\(step_000003\).*checkpoint\.move_newer=true"):
+        run("max_steps=3", f"resume={root / 'step_000002'}")
+    assert names(root) == steps(1, 2, 3)
+
+    run("max_steps=3", f"resume={root / 'step_000002'}", "checkpoint.move_newer=true")
+    assert names(root / "abandoned_from_step_000002") == steps(3)
+    weights = [load_file(d / "step_000003" / "export" / "model.safetensors") for d in (root, root / "abandoned_from_step_000002")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # the same step 3 again: resume is exact
+
     logs.clear()
     run("max_steps=4", "resume=latest", "method.guidance_scale=2.5")
     changed = [m for m in said(logs, logging.WARNING) if "config keys changed" in m]

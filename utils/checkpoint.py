@@ -15,6 +15,10 @@ Nothing lost, nothing silent:
 - `meta.json` records every file's size, so a truncated or missing file is named before DCP reads
   it (`damage`); `resume=latest` passes over a damaged newest step with a warning, an explicit
   path refuses it, naming the previous complete step.
+- A checkpoint records its run and the runs it continues (`lineage`): pruning removes only this
+  run's line of checkpoints, never another run's that shares the directory; and a run refuses to
+  start in a directory holding newer steps of another run (`prepare_resume`), unless asked to move
+  them aside (checkpoint.move_newer), because `latest` and pruning go by step number.
 - Shapes are compared with DCP's index before loading: a model of another size is one line naming
   the tensors and both shapes.
 """
@@ -28,6 +32,7 @@ import os
 import re
 import shutil
 import stat
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -410,14 +415,70 @@ def _misfit(to_load: dict[str, Any], index, modules: dict) -> str | None:
 
 
 class CheckpointManager:
+    """Saves, loads and prunes the checkpoints of one run directory, for one run (`run_id`).
+
+    The run's line of checkpoints is its own plus those of the runs it continues, up to the step each
+    was left at (`lineage`, set by `load`); only those are pruned. The id is drawn per process;
+    rank 0's is the one written, as rank 0 writes meta.json and prunes.
+    """
+
     def __init__(self, run_dir: str | Path, keep: int):
         self.run_dir = Path(run_dir)
         self.root = self.run_dir / CHECKPOINTS
         self.keep = int(keep)
+        self.run_id = uuid.uuid4().hex[:12]
+        self.lineage: list[list] = []  # [[run id, last step], ...]: the runs this one continues
 
-    def prepare_resume(self, resume: str | Path | None) -> Path | None:
-        """The checkpoint to resume from (None: start fresh), resolved on rank 0 and agreed by every rank."""
-        return _agreed(lambda: resolve_resume(resume, self.run_dir))
+    def prepare_resume(self, resume: str | Path | None, move_newer: bool = False) -> Path | None:
+        """The checkpoint to resume from (None: start fresh), agreed by every rank (a collective).
+
+        resolve_resume, then: newer complete steps of another run in this run directory are refused,
+        or with `move_newer` moved aside into checkpoints/abandoned_from_step_XXXXXX/, before training.
+        Left in place they would mix two runs: resume=latest would later continue the newer one, and
+        the new run's checkpoints would be numbered among theirs.
+        """
+        return _agreed(lambda: self._prepare_resume(resume, move_newer))
+
+    def _prepare_resume(self, resume: str | Path | None, move_newer: bool) -> Path | None:
+        path = resolve_resume(resume, self.run_dir)
+        step = int(read_meta(path)["step"]) if path is not None else 0
+        newer = [p for s, p in _step_dirs(self.root) if s > step and not p.name.endswith(".tmp")]
+        if all(damage(p) is not None for p in newer):  # none, or damaged ones latest passed over loudly: saves displace them
+            return path
+        aside = self.root / f"abandoned_from_step_{step:06d}"
+        if not move_newer:
+            listed = ", ".join(p.name for p in newer)
+            doing = f"resuming from step {step}" if path is not None else "starting fresh"
+            also = "" if path is not None else ", resume=latest to continue that run"
+            raise ValueError(
+                f"{doing} in {self.run_dir}, but its checkpoints/ already holds later steps of another run ({listed}), "
+                f"which resume=latest and pruning would mix with this one (they go by step number). Use a new run "
+                f"directory (hydra.run.dir=...){also}, or pass checkpoint.move_newer=true to move them into {aside}/"
+            )
+        moved = self._move_aside(newer, aside.name)
+        log0("checkpoint.move_newer: moved %s into %s; resume=latest now continues this run",
+             ", ".join(p.name for p in newer), moved, level=logging.WARNING)
+        return path
+
+    def _move_aside(self, paths: list[Path], name: str) -> Path:
+        """Move step directories into a new folder of checkpoints/ (name, or name_2, ... if taken)."""
+        folder, n = self.root / name, 1
+        while folder.exists():
+            n += 1
+            folder = self.root / f"{name}_{n}"
+        folder.mkdir(parents=True)
+        for p in paths:
+            os.replace(p, folder / p.name)
+        return folder
+
+    def _ours(self, path: Path, step: int) -> bool:
+        """Whether a checkpoint of this directory is of this run's line (written by it or by a run it continues)."""
+        try:
+            run = read_meta(path).get("run")
+        except (OSError, ValueError):
+            return False
+        bounds = {r: s for r, s in self.lineage}
+        return run == self.run_id or (run in bounds and step <= bounds[run])
 
     def save(self, step: int, state: dict[str, Any], export: dict | None = None) -> Path:
         """Save on every rank (collective). `export` = {"weights": {name: tensor}, "config": dict}."""
@@ -450,12 +511,16 @@ class CheckpointManager:
 
         if is_main():
             kinds = {"modules": modules, "optimizers": optims, "stateful": stateful, "per_rank": plain}
-            meta = {"step": step, "world_size": get_world_size()}
+            meta = {"step": step, "world_size": get_world_size(), "run": self.run_id, "lineage": self.lineage}
             meta |= {k: sorted(v) for k, v in kinds.items()} | {"files": _sizes(tmp)}
             (tmp / META).write_text(json.dumps(meta, indent=2))
             _fsync(tmp / META)
-            if final.exists():  # saving the same step twice (e.g. a final save right after a periodic one)
-                shutil.rmtree(final)
+            if final.exists():
+                if self._ours(final, step):  # saving the same step twice (a final save right after a periodic one)
+                    shutil.rmtree(final)
+                else:  # another run's (damaged) step: kept, out of the way
+                    moved = self._move_aside([final], f"displaced_step_{step:06d}")
+                    logger.warning("%s was not this run's; moved it into %s", final, moved)
             os.replace(tmp, final)
             self._prune()
         barrier()
@@ -494,9 +559,11 @@ class CheckpointManager:
                 shutil.rmtree(p)
 
     def _prune(self) -> None:
+        """Keep this run's line's newest `keep`; another run's checkpoints are never removed."""
         if self.keep <= 0:
             return
-        for _, p in complete_checkpoints(self.run_dir)[: -self.keep]:
+        ours = [p for s, p in complete_checkpoints(self.run_dir) if self._ours(p, s)]
+        for p in ours[: -self.keep]:
             shutil.rmtree(p)
 
     def load(self, path: str | Path, state: dict[str, Any]) -> int:
@@ -506,7 +573,7 @@ class CheckpointManager:
         the generator or the EMA. A damaged checkpoint, or one whose tensors do not fit `state`'s
         shapes, is refused before anything is read. Plain dicts are replaced in place from this
         rank's file; after a world-size change ranks without a file keep their current values
-        (reseed them yourself).
+        (reseed them yourself). This run's line continues the loaded checkpoint's (`lineage`).
         """
         path = find_checkpoint(path)
         _agreed(lambda: check_intact(path))
@@ -548,5 +615,9 @@ class CheckpointManager:
                     path, meta["world_size"], get_rank(), sorted(plain),
                 )
         step = int(meta["step"])
+        lineage = meta.get("lineage", [])
+        if "run" in meta or path.parent.resolve() == self.root.resolve():  # an unmarked (older) checkpoint: only here
+            lineage = [*lineage, [meta.get("run"), step]]
+        self.lineage = lineage
         logger.info("loaded checkpoint %s (step %d)", path, step)
         return step
