@@ -29,7 +29,6 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 
 from utils.distributed import Dist
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def mesh_shape(replicate: int, shard: int | None, world_size: int) -> tuple[int, int]:
     """(replicate, shard) for a world size, with errors that name the keys to fix."""
