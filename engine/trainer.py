@@ -94,6 +94,22 @@ class DataSources:
         return first_ids, merged
 
 
+@torch.no_grad()
+def prepass(method, phase: Phase, data: DataSources, step: int, seed: int, dist: Dist, accumulation: int) -> dict:
+    """The phase's prepass (model/contract.py) over every micro-batch, summed over micro-batches and ranks."""
+    totals: dict[str, torch.Tensor] = {}
+    for micro in range(accumulation):
+        ids, batch = data.get(phase.data, step, micro, dist.rank)
+        method.reseed(seed, step, phase.name, ids)  # the draws the loss will make
+        for k, v in getattr(method, phase.prepass)(batch).items():
+            totals[k] = totals.get(k, 0) + v.double()
+    names = sorted(totals)
+    if not names:
+        return {}
+    summed = all_reduce_mean(torch.stack([totals[k] for k in names]).to(dist.device)) * dist.world_size
+    return dict(zip(names, summed))
+
+
 def run_phase(method, phase: Phase, optimized: dict[str, Optimized], data: DataSources, step: int, seed: int,
               dist: Dist, accumulation: int) -> dict[str, float]:
     """One update of the phase's networks over the accumulated micro-batches; returns the logged numbers."""
@@ -103,10 +119,13 @@ def run_phase(method, phase: Phase, optimized: dict[str, Optimized], data: DataS
             raise RuntimeError(f"the {name} is not sharded: on several ranks, shard it with engine.build.shard_method first")
         o.optimizer.zero_grad(set_to_none=True)
     loss_fn = getattr(method, phase.loss)
+    totals = prepass(method, phase, data, step, seed, dist, accumulation) if phase.prepass and accumulation > 1 else None
     sums: dict[str, torch.Tensor] = {}
     for micro in range(accumulation):
         ids, batch = data.get(phase.data, step, micro, dist.rank)
         method.reseed(seed, step, phase.name, ids)
+        if totals is not None:
+            batch["totals"] = totals
         loss, parts = loss_fn(batch)
         # FSDP averages over ranks the gradients of each sharded network the backward runs through;
         # backward(inputs=...) would skip that, so SiD's critic gets gradients too, dropped below.

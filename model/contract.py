@@ -46,6 +46,12 @@ class Phase:
     updates: tuple[str, ...]  # trained networks whose optimizers step after its backward
     every: Union[int, str] = 1  # runs on steps where step % every == 0; a str names a top-level config key
     data: tuple[str, ...] = ("prompts",)  # data sources (keys of the data config); "a|b": the first one that is set
+    # A statistic of the whole global batch the loss needs before any backward (f-distill's mean weight):
+    # the method's function prepass(batch) -> {name: tensor}, run without gradients on every micro-batch
+    # (same draws as the loss) when the phase accumulates; the engine adds the results over micro-batches
+    # and ranks and hands the totals to each loss call as batch["totals"]. With one micro-batch the loss
+    # gets no totals and all-reduces its own.
+    prepass: str | None = None
 
     def period(self, cfg) -> int:
         every = cfg[self.every] if isinstance(self.every, str) else self.every
@@ -73,8 +79,9 @@ def check_contract(cls) -> None:
         if p.name in seen:
             raise ValueError(f"{name}: two phases are named {p.name!r}")
         seen.add(p.name)
-        if not callable(getattr(cls, p.loss, None)):
-            raise ValueError(f"{name}: phase {p.name!r} calls {p.loss!r}, which {name} does not define")
+        for fn in (p.loss, p.prepass):
+            if fn is not None and not callable(getattr(cls, fn, None)):
+                raise ValueError(f"{name}: phase {p.name!r} calls {fn!r}, which {name} does not define")
         bad = [u for u in p.updates if u not in nets or not nets[u].trained]
         if not p.updates or bad:
             raise ValueError(f"{name}: phase {p.name!r} updates {list(p.updates)}; each must be a trained network "

@@ -9,7 +9,7 @@ import os
 import runpy
 import sys
 from dataclasses import MISSING as MISSING_FIELD
-from dataclasses import fields
+from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 
 import pytest
@@ -155,6 +155,7 @@ def test_every_default_is_stated_once():
         node.pop("defaults", None)
         cls = method_class(OmegaConf.create({"method": node}))
         default = {f.name: f.default_factory() if f.default is MISSING_FIELD else f.default for f in fields(cls.config_class)}
+        default = {k: asdict(v) if is_dataclass(v) else v for k, v in default.items()}  # nested knobs (method.gan.*)
         differ = {k: v for k, v in node.items() if k != "_target_" and v != default[k]}
         assert differ == {}, (path.name, differ)
         composed = compose_config(f"method={path.stem}", tiny=False).method  # with its defaults list: every knob

@@ -335,9 +335,11 @@ class WanDiT(WanTransformer3DModel):
         out_dtype = x.dtype
         if self.autocast_dtype is None:
             param_dtype = self.patch_embedding.weight.dtype
-            return self._forward(x.to(param_dtype), timestep, context.to(param_dtype), **kwargs).to(out_dtype)
-        with torch.autocast(x.device.type, dtype=self.autocast_dtype):
-            return self._forward(x, timestep, context, **kwargs).to(out_dtype)
+            out = self._forward(x.to(param_dtype), timestep, context.to(param_dtype), **kwargs)
+        else:
+            with torch.autocast(x.device.type, dtype=self.autocast_dtype):
+                out = self._forward(x, timestep, context, **kwargs)
+        return out.to(out_dtype) if isinstance(out, torch.Tensor) else out  # features: in the compute dtype
 
     def _forward(
         self,
@@ -349,9 +351,16 @@ class WanDiT(WanTransformer3DModel):
         kv_cache: KVCache | None = None,
         frame_offset: int = 0,
         crossattn_cache: CrossAttnCache | None = None,
-    ) -> torch.Tensor:
+        features: tuple[int, ...] | None = None,
+    ) -> torch.Tensor | list[torch.Tensor]:
         # x: [B, F, C, H, W]; timestep: [B, F] (or [B]); context: [B, L, text_dim]
+        # features: return the hidden states [B, F*h*w, D] after these blocks (in that order) instead of
+        # the flow, and stop after the deepest of them (a discriminator head reads them; model/wan/discriminator.py)
         self._check_input(x, timestep, context, causal, kv_cache, frame_offset)
+        if features is not None:
+            bad = [i for i in features if not 0 <= i < len(self.blocks)]
+            if not features or bad:
+                raise ValueError(f"features={list(features)}: block indices must be in 0..{len(self.blocks) - 1}")
         batch, frames, _, height, width = x.shape
         _, p_h, p_w = self.config.patch_size
         h, w = height // p_h, width // p_w
@@ -382,11 +391,16 @@ class WanDiT(WanTransformer3DModel):
                         self.fused_elementwise, compiled, block_ops(self.fused_elementwise))
 
         # 4. Transformer blocks (optionally with activation checkpointing)
+        hidden: dict[int, torch.Tensor] = {}
         for layer, block in enumerate(self.blocks):
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 tokens = self._checkpointed(block, tokens, e, text, rope, spec, layer)
             else:
                 tokens = block(tokens, e, text, rope, spec, layer)
+            if features is not None and layer in features:
+                hidden[layer] = tokens
+                if layer == max(features):  # the blocks above and the output head are not needed
+                    return [hidden[i] for i in features]
 
         # 5. Output norm, projection, unpatchify to [B, F, C, H, W]
         shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).chunk(2, dim=2)
