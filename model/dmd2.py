@@ -4,7 +4,7 @@ Distillation for Fast Image Synthesis", arXiv 2405.14867), on the Self-Forcing r
 Next to DMD's gradient (model/dmd.py), a discriminator D tells real clips from the generator's, both
 noised to the same timestep t. D is a small head (model/wan/discriminator.py) on the fake score's
 hidden states of chosen blocks: DMD2 Sec. 4.3 puts it on the fake score's bottleneck, so the critic's
-features serve both jobs. Non-saturating losses (DMD2 eq. 4; Goodfellow et al., 2014):
+features serve both jobs. Non-saturating losses (DMD2 Sec. 4.3; Goodfellow et al., 2014):
 
     generator:      w_G E[softplus(-D(x_t^fake, t))]
     discriminator:  w_D (E[softplus(D(x_t^fake, t))] + E[softplus(-D(x_t^real, t))])
@@ -84,18 +84,18 @@ def build_discriminator(cfg, built: dict) -> DiscriminatorHead:
 
 
 def gan_generator_loss(fake_logit: torch.Tensor) -> torch.Tensor:
-    """Non-saturating generator loss, mean softplus(-D(fake)) (DMD2 eq. 4)."""
-    return F.softplus(-fake_logit.float()).mean()
+    """Non-saturating generator loss, mean softplus(-D(fake)) (DMD2 Sec. 4.3)."""
+    return F.softplus(-fake_logit).mean()
 
 
 def gan_discriminator_loss(fake_logit: torch.Tensor, real_logit: torch.Tensor) -> torch.Tensor:
-    """mean softplus(D(fake)) + mean softplus(-D(real)): logistic loss, real labelled 1 (DMD2 eq. 4)."""
-    return F.softplus(fake_logit.float()).mean() + F.softplus(-real_logit.float()).mean()
+    """mean softplus(D(fake)) + mean softplus(-D(real)): logistic loss, real labelled 1 (DMD2 Sec. 4.3)."""
+    return F.softplus(fake_logit).mean() + F.softplus(-real_logit).mean()
 
 
 def r1_penalty(perturbed_logit: torch.Tensor, real_logit: torch.Tensor, sigma: float) -> torch.Tensor:
     """E[((D(x + s eps) - D(x)) / s)^2]: a finite-difference estimate of E||grad D||^2 along eps."""
-    return ((perturbed_logit.float() - real_logit.float()) / sigma).square().mean()
+    return ((perturbed_logit - real_logit) / sigma).square().mean()
 
 
 class DMD2(DMD):

@@ -4,7 +4,7 @@ with f-Divergence Distribution Matching", arXiv 2502.15681), on the Self-Forcing
 DMD minimises the reverse KL between the student's and the teacher's distributions; its gradient at a
 noised sample x_t is the score difference (fake - real). For an f-divergence D_f(p || q) the gradient
 is the same score difference weighted per sample by h(r) = f''(r) r^2, with r = p(x_t) / q(x_t) the
-density ratio of the teacher's (p) to the student's (q) noised distributions (f-distill Thm. 1).
+density ratio of the teacher's (p) to the student's (q) noised distributions (f-distill's gradient theorem).
 A discriminator trained with the logistic loss has D*(x_t) = log r (real labelled 1), so r = exp(D)
 with D the GAN head of DMD2 (model/dmd2.py), trained on real clips in the critic's phase:
 
@@ -17,7 +17,7 @@ with D the GAN head of DMD2 (model/dmd2.py), trained on real clips in the critic
 
 log r is clipped to [-log_ratio_clip, log_ratio_clip], and the weights are divided by their mean over
 the global batch (every rank and micro-batch of the update), as f-distill normalises them for a stable
-scale (Sec. 4.2). With several micro-batches the mean comes from a prepass (model/contract.py Phase).
+scale. With several micro-batches the mean comes from a prepass (model/contract.py Phase).
 The GAN generator term of DMD2 stays available (gan.generator_weight), as f-distill trains with it;
 reverse_kl with gan.generator_weight=0 is plain DMD exactly.
 """
