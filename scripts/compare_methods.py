@@ -1,8 +1,9 @@
 """Self Forcing's claims on the toy world: train every method at one budget, score all against the truth.
 
-Trains, one after another in this process (CPU is fine), from the same initial weights
-(model.generator_init / critic_init) and seed: self-forcing DMD, self-forcing SiD, CausVid with
-teacher forcing, CausVid with diffusion forcing, and ODE regression on the exact teacher's ODE.
+Trains, one after another in this process (CPU is fine; `--jobs N`: N at a time, a process each), from
+the same initial weights (model.generator_init / critic_init) and seed: self-forcing DMD, self-forcing
+SiD, CausVid with teacher forcing, CausVid with diffusion forcing, ODE regression on the exact
+teacher's ODE, and DMD's relatives: DMD2 (DMD + GAN), Decoupled DMD, f-distill (JS, forward KL).
 Every method gets the same training steps, batch size and generator/critic update ratio, read from
 the composed config (configs/config.yaml) after the overrides. Each run evaluates its final
 generator with the training evaluation (engine/evaluation.py, utils/toy_metrics.py): match rate,
@@ -25,6 +26,8 @@ seeds' range) to <docs>/compare_methods.png (needs matplotlib).
   python scripts/compare_methods.py --steps 20 --methods dmd,causvid_tf --docs /tmp/docs
   python scripts/compare_methods.py --steps 100 method.guidance_scale=2   # Hydra overrides go to every method
   python scripts/compare_methods.py --steps 300 --seeds 0,1,2   # mean and range over three training seeds
+  python scripts/compare_methods.py --methods dmd,dmd2,decoupled_dmd,fdistill_js,fdistill_kl --seeds 0,1,2 \
+      --jobs 2 --docs docs/dmd_family           # DMD's relatives, two runs at a time (one per core)
 """
 
 from __future__ import annotations
@@ -65,12 +68,19 @@ METHODS = {
                          "model.causvid.CausVid", teacher_forcing=True),
     "causvid_df": Method("CausVid, diffusion forcing", ("method=causvid",), "model.causvid.CausVid"),
     "ode_regression": Method("ODE regression", ("method=ode_regression",), "model.ode_regression.ODERegression"),
+    # DMD's relatives: their toy presets are the default toy run with the method swapped (and the
+    # discriminator's optimizer); the real clips of the GAN / f-distill discriminators are the toy templates
+    "dmd2": Method("DMD2 (DMD + GAN)", ("experiment=toy_dmd2_gan",), "model.dmd2.DMD2"),
+    "decoupled_dmd": Method("Decoupled DMD", ("experiment=toy_decoupled_dmd",), "model.decoupled_dmd.DecoupledDMD"),
+    "fdistill_js": Method("f-distill, Jensen-Shannon", ("experiment=toy_fdistill_js",), "model.fdistill.FDistill"),
+    "fdistill_kl": Method("f-distill, forward KL", ("experiment=toy_fdistill_js", "ablation=fdiv_kl"),
+                          "model.fdistill.FDistill"),
 }
 # Set for every run before the user's overrides: evaluate and save only at the end, so the loop's
 # wall time is training alone (a user who turns periodic evaluation back on pays it in that time).
 RUN_DEFAULTS = ("eval.every=0", "eval.at_start=false", "checkpoint.every=0")
 # Keys the script sets per method: an override of them would make every run the same method.
-RESERVED = ("method=", "+method=", "method._target_=", "method.teacher_forcing=")
+RESERVED = ("method=", "+method=", "method._target_=", "method.teacher_forcing=", "experiment=", "ablation=")
 SEED_KEYS = ("seed=", "+seed=", "++seed=")  # set by --seeds when it is given
 # Keys that must agree across the runs for the budget and the start to be equal.
 BUDGET_KEYS = ("seed", "max_steps", "batch_size", "total_batch_size", "dfake_gen_update_ratio",
@@ -153,27 +163,46 @@ def read_records(run_dir: Path, step: int) -> tuple[dict, dict]:
     return students[0], teachers[0]
 
 
-def run_all(cfgs: dict[str, DictConfig], out: Path, seed_dirs: bool = False) -> tuple[dict[str, dict], dict]:
-    """Train every method in its own run directory (out/<method>, or out/<method>/seed_<N> when `seed_dirs`);
-    its final record, wall times and updates, and the teacher's."""
+def train_one(name: str, cfg: DictConfig, run_dir: Path) -> tuple[float, float]:
+    """One method's run: (training loop seconds, whole run seconds)."""
     from train import train
 
-    rows, teacher = {}, None
-    for name, cfg in cfgs.items():
-        run_dir = out / name / f"seed_{cfg.seed}" if seed_dirs else out / name
-        log0("=== %s (%s), seed %d: %d steps into %s", name, METHODS[name].label, cfg.seed, cfg.max_steps, run_dir)
-        start = time.perf_counter()
-        results = train(cfg, run_dir)
-        total = time.perf_counter() - start
+    log0("=== %s (%s), seed %d: %d steps into %s", name, METHODS[name].label, cfg.seed, cfg.max_steps, run_dir)
+    start = time.perf_counter()
+    results = train(cfg, run_dir)
+    return results["train_seconds"], time.perf_counter() - start
+
+
+def _worker_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+
+def run_all(cfgs: dict[int, dict[str, DictConfig]], out: Path, seed_dirs: bool = False,
+            jobs: int = 1) -> tuple[dict[int, dict[str, dict]], dict[int, dict]]:
+    """Train every method at every seed in its own run directory (out/<method>, or out/<method>/seed_<N>
+    when `seed_dirs`), `jobs` runs at a time (each in its own process when more than one); per seed, every
+    method's final record, wall times and updates, and the teacher's record."""
+    tasks = [(seed, name, cfg, out / name / f"seed_{cfg.seed}" if seed_dirs else out / name)
+             for seed, at_seed in cfgs.items() for name, cfg in at_seed.items()]
+    if jobs == 1:
+        times = [train_one(name, cfg, run_dir) for _, name, cfg, run_dir in tasks]
+    else:  # a process per run (spawned: no torch state shared); the toy runs use threads=1 each
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_logging) as pool:
+            times = list(pool.map(train_one, *zip(*[(name, cfg, run_dir) for _, name, cfg, run_dir in tasks])))
+    runs: dict[int, dict[str, dict]] = {}
+    teachers: dict[int, dict] = {}
+    for (seed, name, cfg, run_dir), (train_seconds, total) in zip(tasks, times):
         record, ref = read_records(run_dir, cfg.max_steps)
-        if teacher is None:
-            teacher = ref
-        elif ref != teacher:  # same seed, same world: the reference rows must be the same samples
+        teacher = teachers.setdefault(seed, ref)
+        if ref != teacher:  # same seed, same world: the reference rows must be the same samples
             raise RuntimeError(f"the exact teacher's record of {name} differs from the first run's: {ref} vs {teacher}")
         gen, critic = updates(cfg)
-        rows[name] = {"record": record, "train_seconds": results["train_seconds"], "total_seconds": total,
-                      "generator_updates": gen, "critic_updates": critic, "run_dir": str(run_dir)}
-    return rows, teacher
+        runs.setdefault(seed, {})[name] = {"record": record, "train_seconds": train_seconds, "total_seconds": total,
+                                           "generator_updates": gen, "critic_updates": critic, "run_dir": str(run_dir)}
+    return runs, teachers
 
 
 def mean(xs: list[float]) -> float:
@@ -362,6 +391,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", type=parse_seeds, default=None,
                    help="comma-separated training seeds, e.g. 0,1,2: every method runs once per seed and the table "
                         "gives each metric's mean and range (default: the config's single seed)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once, each in its own process (e.g. the CPU's cores: the toy runs use one "
+                        "thread each); the numbers do not depend on it, the wall times do")
     p.add_argument("--out", default=None, help="run folders, one per method (default: outputs/compare_methods/<time>)")
     p.add_argument("--docs", default=str(REPO / "docs"), help="where compare_methods.md and .png are written")
     p.add_argument("overrides", nargs="*", help="Hydra overrides applied to every method, e.g. batch_size=4")
@@ -372,6 +404,8 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"unknown method(s) {unknown} in --methods; choose from {', '.join(METHODS)}")
     if len(set(names)) != len(names):
         p.error(f"--methods names a method twice: {names}")
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.steps is not None and args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
     if args.seeds is not None and any(o.startswith(SEED_KEYS) for o in args.overrides):
@@ -386,11 +420,11 @@ def main(argv: list[str] | None = None) -> dict:
                          "remove it or give another folder")
     seed_dirs = args.seeds is not None
     # every config is composed and checked before the first run trains
-    cfgs = {seed: compose_all(names, args.overrides, args.steps, seed) for seed in (args.seeds or [None])}
-    runs, teachers = {}, {}
-    for cfgs_at_seed in cfgs.values():
-        seed = next(iter(cfgs_at_seed.values())).seed
-        runs[seed], teachers[seed] = run_all(cfgs_at_seed, out, seed_dirs)
+    cfgs = {}
+    for seed in args.seeds or [None]:
+        at_seed = compose_all(names, args.overrides, args.steps, seed)
+        cfgs[next(iter(at_seed.values())).seed] = at_seed
+    runs, teachers = run_all(cfgs, out, seed_dirs, args.jobs)
 
     cfg = next(iter(next(iter(cfgs.values())).values()))
     train_frames = cfg.method.num_training_frames

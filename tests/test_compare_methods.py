@@ -113,3 +113,18 @@ def test_missing_matplotlib_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what `import matplotlib` sees when absent
     with pytest.raises(SystemExit, match="pip install matplotlib"):
         compare_methods.require_matplotlib()
+
+
+def test_parallel_runs_give_the_numbers_of_one_at_a_time(tmp_path):
+    """--jobs 2 trains two runs at once, each in its own process: the table's numbers (not its wall times) are
+    those of --jobs 1, for DMD's relatives with their own presets (a discriminator, decoupled timesteps)."""
+    tables = {}
+    for jobs in (1, 2):
+        argv = ["--methods", "dmd2,decoupled_dmd", "--steps", "1", "--jobs", str(jobs), "--out", str(tmp_path / f"runs{jobs}"),
+                "--docs", str(tmp_path / f"docs{jobs}"), *[o for o in TINY if not o.startswith("checkpoint.every")]]
+        tables[jobs] = {k: v[3:] for k, v in cells(compare_methods.main(argv)["table"]).items()}
+    assert set(tables[1]) == {"DMD2 (DMD + GAN) (`dmd2`)", "Decoupled DMD (`decoupled_dmd`)",
+                              "exact teacher (exact_teacher_50_steps)"}
+    assert tables[2] == tables[1]
+    student, teacher = student_and_teacher(tmp_path / "runs2" / "dmd2", 1)
+    assert tables[2]["DMD2 (DMD + GAN) (`dmd2`)"] == [f"{v:.3f}" for v in numbers(student, teacher)]
