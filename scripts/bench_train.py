@@ -3,7 +3,9 @@
   torchrun --nproc_per_node=NUM_GPUS scripts/bench_train.py experiment=self_forcing_dmd \
       model.path=/tmp/wan-1.3b-random data.prompts.path=/tmp/prompts.txt --steps 4
 
-(`python scripts/bench_train.py ...` is world size 1 of the same code.) The networks are built and
+(`python scripts/bench_train.py ...` is world size 1 of the same code; methods that read real clips,
+such as experiment=dmd2_gan or fdistill_js, take `--random-latents 8` for random clips of the run's
+latent shape in place of encoded videos.) The networks are built and
 sharded exactly as the trainer does (build_method, shard_method on the fsdp.* mesh); each step is the
 trainer's own `run_phase` (rollout or sampling, loss, backward, clip, AdamW) on its own batch of
 `batch_size` prompts per rank. The first `--warmup` steps of each kind are warm-up (kernels,
@@ -24,6 +26,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +38,7 @@ from engine.build import build_method, build_optimizer, shard_method  # noqa: E4
 from engine.config import compose_checked  # noqa: E402
 from engine.config import optim_config  # noqa: E402
 from engine.trainer import DataSources, Optimized, run_phase  # noqa: E402
+from utils.data import write_shard  # noqa: E402
 from utils.distributed import all_gather_object, destroy, init_distributed, pick_device, single_process_group  # noqa: E402
 from utils.fsdp import build_mesh, mesh_shape  # noqa: E402
 from utils.rng import seed_everything  # noqa: E402
@@ -61,6 +65,17 @@ def force_exit_steps(method, schedule: list[int]):
 
     method.plan_rollout = planned
     return set_call
+
+
+def write_random_latents(cfg, num: int, folder: Path) -> Path:
+    """`num` standard-normal clips [F, C, H, W] (the run's num_training_frames and model.latent_shape) as one
+    latent shard (utils/data.py), with placeholder captions; the same on every rank (seeded)."""
+    if cfg.data.get("videos") is None or cfg.data.videos.get("_target_") != "utils.data.LatentShards":
+        raise SystemExit("--random-latents fills data.videos of data=latents: add data=latents to the overrides")
+    shape = (num, cfg.method.num_training_frames, *cfg.model.latent_shape)
+    clips = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    write_shard(folder, 0, "latents", clips, [f"random clip {i}" for i in range(num)])
+    return folder
 
 
 def build_sharded(cfg, dist):
@@ -141,12 +156,18 @@ def main(argv=None) -> None:
     p.add_argument("--exit-steps", default=None,
                    help="comma-separated exit step indices the steps take in turn (e.g. 0,1,2,3); default: drawn as in training")
     p.add_argument("--out", default=None, help="also write the JSON result here (rank 0)")
+    p.add_argument("--random-latents", type=int, default=0, metavar="N",
+                   help="with data=latents: N random clips of the run's latent shape in a temporary folder, for "
+                        "methods that read real clips (dmd2_gan, fdistill_js, causvid) without encoded videos")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     exit_schedule = [int(k) for k in args.exit_steps.split(",")] if args.exit_steps else None
     if args.steps < 1 or args.warmup < 0:
         raise SystemExit(f"need --steps >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
     cfg = compose_checked(["total_batch_size=null", *args.overrides])
+    if args.random_latents:  # data=latents without encoded videos: random clips of the run's latent geometry
+        folder = write_random_latents(cfg, args.random_latents, Path(tempfile.mkdtemp(prefix="bench_latents_")))
+        cfg = compose_checked(["total_batch_size=null", *args.overrides, f"data.videos.path={folder}"])
     dist = init_distributed()
     single_process_group(dist)
     try:
