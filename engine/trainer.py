@@ -3,7 +3,7 @@
 From the method's `networks` and `phases` the Trainer builds one AdamW and LR schedule per trained
 network (`optim.<network>`), an EMA for each network declared with one, FSDP2 sharding, the data
 each phase draws, and the checkpoint registry (`<network>`, `<network>_optim`, `<network>_sched`,
-`ema` for the generator's EMA, `ema_<network>` for others, `meta`). A step runs every phase whose
+`ema` for the generator's EMA, `ema_<network>` for others, `<network>` for state networks, `meta`). A step runs every phase whose
 period divides it, in declaration order; a phase is one optimizer update over its accumulated
 micro-batches: draw, reseed, loss, backward, all-reduce the logs, clip, step, EMA.
 """
@@ -189,6 +189,7 @@ class Trainer:
                 if spec.ema:
                     self.emas[name] = EMA(getattr(method, spec.attr), cfg.ema_weight, cfg.ema_start_step)
         self.state: dict = {name: o.net for name, o in self.optimized.items()}
+        self.state.update({name: getattr(method, spec.attr) for name, spec in networks.items() if spec.state})
         for name, o in self.optimized.items():
             self.state[f"{name}_optim"] = o.optimizer
             self.state[f"{name}_sched"] = o.scheduler

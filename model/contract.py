@@ -35,6 +35,8 @@ class Network:
     ema: bool = False  # keep an exponential moving average (the generator's is what inference uses)
     shard: bool = True  # FSDP2: fully_shard each block and the root (networks without parameters stay as they are)
     blocks: tuple[str, ...] = ()  # class names of its FSDP units; empty: those its `_no_split_modules` name
+    state: bool = False  # not trained, but its buffers are run state the method updates (running statistics):
+    #                      checkpointed and restored with the trained networks, kept identical on every rank
 
 
 @dataclass(frozen=True)

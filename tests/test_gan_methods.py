@@ -213,7 +213,8 @@ def run(tmp_path, name, *overrides):
 
 
 def test_fdistill_resumes_bit_exactly_with_its_discriminator(tmp_path):
-    common = ("experiment=toy_fdistill_js", "dfake_gen_update_ratio=1", "method.gan.r1_weight=0.1", "checkpoint.every=2")
+    common = ("experiment=toy_fdistill_js", "dfake_gen_update_ratio=1", "method.gan.r1_weight=0.1", "checkpoint.every=2",
+              "method.fdiv.ratio_bins=4", "method.fdiv.ratio_momentum=0.5")
     straight, _ = run(tmp_path, "straight", *common, "max_steps=4")
     run(tmp_path, "resumed", *common, "max_steps=2")
     resumed, _ = run(tmp_path, "resumed", *common, "max_steps=4", "resume=latest")
@@ -224,6 +225,28 @@ def test_fdistill_resumes_bit_exactly_with_its_discriminator(tmp_path):
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     first = checkpoint_tensors(straight / "checkpoints" / "step_000002", tmp_path)
     assert any(not torch.equal(first[k], a[k]) for k in a if k.startswith(".discriminator."))
+    # the running ratio means are run state: saved, restored, and they moved
+    assert a[".ratio_stats.step"].item() == 3 and a[".ratio_stats.seen"].any()
+    assert not torch.equal(first[".ratio_stats.mean"], a[".ratio_stats.mean"])
+
+
+def test_running_ratio_means_fold_in_each_steps_global_batch_once():
+    from model.fdistill import RatioStats
+
+    stats = RatioStats(bins=2, momentum=0.5)
+    t = torch.tensor([100.0, 900.0, 950.0, 400.0])
+    assert stats.bin_of(t).tolist() == [0, 1, 1, 0]
+    stats.begin_step(0)
+    stats.add(torch.tensor([2.0, 1.0]), stats.bin_of(t[:2]))  # two micro-batches of one step
+    stats.add(torch.tensor([3.0, 4.0]), stats.bin_of(t[2:]))
+    assert stats.mean.tolist() == [1.0, 1.0]  # not before the next step
+    stats.begin_step(0)  # the same step again (its prepass, another micro-batch): nothing folds in
+    assert stats.mean.tolist() == [1.0, 1.0]
+    stats.begin_step(1)
+    assert stats.mean.tolist() == [3.0, 2.0] and stats.seen.tolist() == [True, True]  # first values: the means
+    stats.add(torch.tensor([1.0]), stats.bin_of(t[:1]))
+    stats.begin_step(2)
+    assert stats.mean.tolist() == [2.0, 2.0]  # bin 0: 0.5 x 3 + 0.5 x 1; bin 1 saw nothing
 
 
 def test_dmd2_preset_trains_a_few_steps(tmp_path):
