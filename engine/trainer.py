@@ -3,9 +3,10 @@
 From the method's `networks` and `phases` the Trainer builds one AdamW and LR schedule per trained
 network (`optim.<network>`), an EMA for each network declared with one, FSDP2 sharding, the data
 each phase draws, and the checkpoint registry (`<network>`, `<network>_optim`, `<network>_sched`,
-`ema` for the generator's EMA, `ema_<network>` for others, `<network>` for state networks, `meta`). A step runs every phase whose
-period divides it, in declaration order; a phase is one optimizer update over its accumulated
-micro-batches: draw, reseed, loss, backward, all-reduce the logs, clip, step, EMA.
+`ema` for the generator's EMA, `ema_<network>` for others, `<network>` for state networks, `meta`).
+A step runs every phase whose period divides it, in declaration order; a phase is one optimizer
+update over its accumulated micro-batches: (prepass,) draw, reseed, loss, backward, all-reduce the
+logs, clip, step, EMA.
 """
 
 from __future__ import annotations
