@@ -108,6 +108,14 @@ class EvalSchema:
     num_frames: Optional[int] = None  # frames of evaluation samples (null: num_training_frames)
     at_start: bool = True  # also evaluate the untrained student at step 0
     video_formats: List[VideoFormat] = field(default_factory=lambda: [VideoFormat.mp4, VideoFormat.gif])  # sample grids written (mp4 needs imageio-ffmpeg)
+    # validation videos of any model (engine/validation.py): samples/step_XXXXXX/ at every evaluation
+    prompts: Optional[str] = None  # a text file, one prompt per line (null: no validation videos)
+    seeds: List[int] = field(default_factory=lambda: [0])  # one video per prompt and seed, the same noise each time
+    negative_prompt: Optional[str] = None  # the teacher's CFG negative prompt (null: method.negative_prompt)
+    teacher: bool = True  # also the teacher's videos of the same prompts and seeds, once per run (samples/teacher/)
+    teacher_steps: int = 50  # Euler steps of the teacher's ODE
+    teacher_guidance_scale: Optional[float] = None  # teacher CFG uncond + g (cond - uncond); null: 1 + method.guidance_scale
+    fps: int = 16  # frame rate of the validation mp4s (Wan's 16)
 
 
 @dataclass
@@ -231,6 +239,10 @@ def _check_values(cfg: DictConfig, method: MethodConfig) -> None:
         ("threads", cfg.threads is None or cfg.threads >= 1, ">= 1 or null"),
         ("warm_start.generator_steps", cfg.warm_start.generator_steps >= 0, ">= 0"),
         ("warm_start.critic_steps", cfg.warm_start.critic_steps >= 0, ">= 0"),
+        ("eval.seeds", len(cfg.eval.seeds) >= 1 and len(set(cfg.eval.seeds)) == len(cfg.eval.seeds),
+         "a non-empty list of distinct ints"),
+        ("eval.teacher_steps", cfg.eval.teacher_steps >= 1, ">= 1"),
+        ("eval.fps", cfg.eval.fps >= 1, ">= 1"),
     ]
     for name in list(cfg.optim.keys()):
         optim = optim_config(cfg, name)
@@ -296,6 +308,10 @@ def validate(cfg: DictConfig) -> None:
         raise FileNotFoundError(f"model.generator_init={cfg.model.generator_init!r} does not exist"
                                 + relative_hint(cfg.model.generator_init))
     _check_values(cfg, method)
+    if cfg.eval.prompts is not None:
+        from engine.validation import read_eval_prompts
+
+        read_eval_prompts(cfg.eval.prompts)  # a missing or empty file is named now, not at the first evaluation
     if len(cfg.model.latent_shape) != 3:
         raise ValueError(f"model.latent_shape must be [C, H, W], got {list(cfg.model.latent_shape)}")
 

@@ -21,6 +21,12 @@ EVAL_STEP, EVAL_PHASE = 0, "eval"
 def sample(method: SelfForcingModel, generator, prompts: list[str], num_frames: int, seed: int) -> torch.Tensor:
     """Clips [N, F, C, H, W] in pixel space, noise keyed by (seed, sample index)."""
     rng = SampleRNG.for_samples(seed, EVAL_STEP, EVAL_PHASE, list(range(len(prompts))), method.device)
+    return sample_with(method, generator, prompts, num_frames, rng)
+
+
+@torch.no_grad()
+def sample_with(method: SelfForcingModel, generator, prompts: list[str], num_frames: int, rng: SampleRNG) -> torch.Tensor:
+    """Clips [N, F, C, H, W] in pixel space through the inference rollout; sample i draws from rng's stream i."""
     noise = rng.randn((len(prompts), num_frames, *method.latent_shape))
     pattern = method.pattern_for(num_frames)
     out = rollout(

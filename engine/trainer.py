@@ -27,6 +27,7 @@ from torch.distributed.tensor import DTensor
 from engine.build import backbone_config, build_method, build_optimizer, shard_method
 from engine.config import accumulation_steps, optim_config
 from engine.evaluation import evaluate_toy
+from engine.validation import ValidationVideos
 from engine.warm_start import warm_start
 from model.contract import Phase
 from utils.checkpoint import CheckpointManager, config_changes, read_per_rank
@@ -201,6 +202,11 @@ class Trainer:
         self.tracker = make_tracker(cfg.logger.mode, cfg.logger.project, cfg.logger.name or run_dir.name, run_dir,
                                     OmegaConf.to_container(cfg, resolve=True), dist.rank)
         self.eval_frames = cfg.eval.num_frames or cfg.method.num_training_frames
+        self.validation = None  # eval.prompts: videos of any model, beside (or instead of) the toy metrics
+        if cfg.eval.prompts is not None:
+            self.validation = ValidationVideos(cfg, run_dir, self.eval_frames, write=dist.is_main)
+            self.validation.check_prompts(method.text_encoder)
+        self.teacher_videos = cfg.eval.teacher and self.validation is not None  # made at the first evaluation
         self.results: dict = {}
 
     @property
@@ -236,15 +242,26 @@ class Trainer:
         return start
 
     def evaluate(self, step: int) -> None:
-        """Toy-world metrics and a sample grid of the (EMA) generator; nothing without ground truth."""
+        """Of the (EMA) generator: toy-world metrics and a sample grid where there is ground truth; the
+        validation videos of eval.prompts (and, at the first evaluation, the teacher's) for any model."""
         cfg, method = self.cfg, self.method
-        if cfg.data.metrics is None:
+        if self.teacher_videos:
+            self.teacher_videos = False
+            self.validation.teacher(method, step, self.tracker)
+        if cfg.data.metrics is None and self.validation is None:
             return
         ema = self.generator_ema
+        record = None
         # every rank samples (sharded forwards are collectives); rank 0 writes the metrics and videos
         with ema.applied_to(method.generator) if ema is not None else contextlib.nullcontext():
-            record = evaluate_toy(method, method.generator, cfg.data, step, cfg.seed, self.run_dir, self.eval_frames,
-                                  video_formats=cfg.eval.video_formats, write=self.dist.is_main)
+            if self.validation is not None:
+                weights = "ema" if ema is not None else "generator"
+                self.validation.student(method, method.generator, step, weights, self.tracker)
+            if cfg.data.metrics is not None:
+                record = evaluate_toy(method, method.generator, cfg.data, step, cfg.seed, self.run_dir,
+                                      self.eval_frames, video_formats=cfg.eval.video_formats, write=self.dist.is_main)
+        if record is None:
+            return
         self.results.setdefault("first", record)
         self.results["last"] = record
         self.tracker.log({k: v for k, v in record.items() if isinstance(v, float)}, step)
