@@ -164,6 +164,9 @@ def test_embedded_default_evaluates_and_writes_samples(tmp_path):
     assert len(record["frame_error"]) == 6 and len(record["long_frame_error"]) == 8
     assert 0.0 <= record["match_rate"] <= 1.0
     assert (run_dir / "samples" / "step_000001.mp4").stat().st_size > 0
+    # eval.prompts null (the default): the toy grids only, no validation-video folders
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [
+        f"step_00000{s}.{ext}" for s in (0, 1) for ext in ("gif", "mp4")]
     assert results["last"]["step"] == 1
 
 
