@@ -166,3 +166,32 @@ def test_a_missing_or_empty_prompt_file_or_bad_seeds_are_one_line_errors_naming_
             validate(compose_config(f"eval.prompts={prompts}", f"eval.seeds={seeds}"))
     with pytest.raises(ValueError, match="eval.teacher_steps must be >= 1"):
         validate(compose_config("eval.teacher_steps=0"))
+
+
+# one global batch of 2 on either world size, so the step-1 weights agree up to float rounding
+TWO_RANK_RUN = ("max_steps=1", "total_batch_size=2", "eval.at_start=true", "eval.teacher_steps=2")
+
+
+def _two_rank_worker(rank, world, port, folder, tmp_path):
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    train.train(wan_eval_config(Path(folder), Path(tmp_path), *TWO_RANK_RUN), Path(tmp_path) / "two_ranks")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def test_on_two_ranks_every_rank_generates_and_rank_zero_writes_the_videos_of_one_process(tiny_wan_folder, tmp_path):
+    """The generator, teacher and text encoder are sharded: each video's forwards are collectives of both
+    ranks (a rank that skipped them would hang the other); the files are those of one process."""
+    from tests.dist_setup import spawn_ranks
+
+    spawn_ranks(_two_rank_worker, 2, str(tiny_wan_folder), str(tmp_path))
+    train.train(wan_eval_config(tiny_wan_folder, tmp_path, *TWO_RANK_RUN), tmp_path / "one")  # 2 micro-batches
+    for folder in ("step_000000", "step_000001", "teacher"):
+        two, one = tmp_path / "two_ranks" / "samples" / folder, tmp_path / "one" / "samples" / folder
+        assert sorted(p.name for p in two.iterdir()) == sorted([*VIDEOS, "grid.mp4", "index.json"])
+        for video in ("p00_s0.mp4", "p01_s1.mp4"):
+            assert np.abs(frames(two / video).astype(int) - frames(one / video).astype(int)).max() <= 2, (folder, video)
