@@ -183,6 +183,7 @@ def _two_rank_worker(rank, world, port, folder, tmp_path):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # two processes of the tiny Wan run and one more: about 30 s on a shared CPU
 def test_on_two_ranks_every_rank_generates_and_rank_zero_writes_the_videos_of_one_process(tiny_wan_folder, tmp_path):
     """The generator, teacher and text encoder are sharded: each video's forwards are collectives of both
     ranks (a rank that skipped them would hang the other); the files are those of one process."""
