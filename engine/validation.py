@@ -121,6 +121,7 @@ class ValidationVideos:
                 index = json.loads((folder / "index.json").read_text())
             except (OSError, ValueError):
                 index = {}
+            index = index if isinstance(index, dict) else {}  # not one this module wrote: make them again
             files = [item.get("file", "") for item in index.get("items", [])] + [index.get("grid", "")]
             done = index.get("settings") == self.teacher_settings(method) and all(
                 name and (folder / name).is_file() for name in files)
