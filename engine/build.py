@@ -19,6 +19,7 @@ from model.wan.attention import resolve_backend
 from model.wan.transformer import WanDiT
 from model.wan.weights import load_backbone, load_strict, read_state_dict
 from engine.config import method_class, method_config
+from engine.lora import add_adapters, lora_spec
 from utils.fsdp import shard_networks
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -112,7 +113,8 @@ BUILDERS = {
 
 def build_networks(cls, cfg: DictConfig, device: torch.device) -> dict[str, torch.nn.Module]:
     """The networks `cls.networks` declares, in declaration order, on `device`: frozen ones in eval mode
-    without gradients, trained ones as fp32 master weights computing in model.dtype."""
+    without gradients, trained ones as fp32 master weights computing in model.dtype (with model.lora.<name>:
+    only its peft LoRA adapters train, engine/lora.py)."""
     m = cfg.model
     built: dict[str, torch.nn.Module] = {}
     for name, net in cls.networks.items():
@@ -129,6 +131,9 @@ def build_networks(cls, cfg: DictConfig, device: torch.device) -> dict[str, torc
             # trained networks keep fp32 master weights (a 2e-6 AdamW step vanishes in bf16) and compute
             # in model.dtype under autocast, as mixed-precision training does
             module.to(device=device).float().train().requires_grad_(True)
+            lora = lora_spec(cfg, name)
+            if lora is not None:  # peft's adapters (fp32, on the device) train; it freezes the rest
+                add_adapters(module, lora, name)
             if isinstance(module, WanDiT):
                 module.autocast_dtype = None if dtype == torch.float32 else dtype
                 module.set_attention_backend(backend)

@@ -49,6 +49,24 @@ class CheckpointPolicySchema:
 
 
 @dataclass
+class LoraNetworkSchema:
+    rank: int = 0  # adapter rank (peft LoRA; the base weights stay frozen); 0: full fine-tuning of every weight
+    alpha: Optional[float] = None  # the adapters' scale is alpha / rank; null: alpha = rank (scale 1, as SimpleTuner's 128 / 128)
+    # module names, matched as peft matches them (the name or its last components): self- and cross-attention
+    # q, k, v, out; add ffn.net.0.proj and ffn.net.2 for the feed-forward
+    targets: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    dropout: float = 0.0  # dropout on the adapters' input (peft lora_dropout)
+
+
+@dataclass
+class LoraSchema:
+    # per trained Wan network (engine/lora.py); null or rank 0: full fine-tuning, as without this node
+    generator: Optional[LoraNetworkSchema] = field(default_factory=LoraNetworkSchema)
+    critic: Optional[LoraNetworkSchema] = field(default_factory=LoraNetworkSchema)
+    export_merged: bool = False  # a LoRA generator's export: also the merged full weights (model.safetensors), not only the adapter
+
+
+@dataclass
 class ModelSchema:
     path: Optional[str] = None  # a diffusers-format Wan folder (transformer/, vae/, text_encoder/, tokenizer/)
     backbone: dict = field(default_factory=dict)  # WanTransformer3DModel config; empty: path's transformer/config.json
@@ -65,6 +83,7 @@ class ModelSchema:
     checkpoint_policy: CheckpointPolicySchema = field(default_factory=lambda: CheckpointPolicySchema())
     fused_elementwise: Optional[bool] = False  # norms, modulation and RoPE through torch.compile (model/wan/fused.py); null: on CUDA
     compile_blocks: Optional[bool] = False  # the trained networks' chunk calls (the rollout) run each block as one compiled graph; null: on CUDA
+    lora: LoraSchema = field(default_factory=LoraSchema)  # LoRA adapters instead of full fine-tuning, per network
 
 
 @dataclass
@@ -253,6 +272,14 @@ def _check_values(cfg: DictConfig, method: MethodConfig) -> None:
             (f"optim.{name}.betas", len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), "two numbers in [0, 1)"),
             (f"optim.{name}.warmup_steps", optim.warmup_steps >= 0, ">= 0"),
         ]
+    for name, lora in cfg.model.lora.items():
+        if name != "export_merged" and lora is not None:
+            rules += [
+                (f"model.lora.{name}.rank", lora.rank >= 0, ">= 0 (0: full fine-tuning)"),
+                (f"model.lora.{name}.alpha", lora.alpha is None or lora.alpha > 0, "> 0 or null (= rank)"),
+                (f"model.lora.{name}.dropout", 0.0 <= lora.dropout < 1.0, "in [0, 1)"),
+                (f"model.lora.{name}.targets", len(lora.targets) >= 1, "a non-empty list of module names"),
+            ]
     for key, ok, expected in rules:
         if not ok:
             raise ValueError(f"{key} must be {expected}, got {OmegaConf.select(cfg, key)}")
@@ -287,6 +314,10 @@ def validate(cfg: DictConfig) -> None:
         if name not in trained and name not in _default_optim():  # the defaults' groups may go unused (no critic)
             raise ValueError(f"optim.{name}: {cls.__name__} trains no network {name!r}; its trained networks are {trained}")
         optim_config(cfg, name)  # its keys and types
+    for name, lora in cfg.model.lora.items():
+        if name != "export_merged" and lora is not None and lora.rank > 0 and name not in trained:
+            raise ValueError(f"model.lora.{name}.rank={lora.rank}: {cls.__name__} trains no network {name!r}; "
+                             f"its trained networks are {trained}")
     for phase in cls.phases:
         phase.period(cfg)  # a str period names a config key: it must exist and be >= 1
         for source in phase.data:

@@ -5,7 +5,7 @@ checkpointing and torch.compile insert, `state_dict()` strips them, and the EMA 
 (and export as) the plain model. Under `fully_shard` each parameter is a DTensor; the EMA keeps
 fp32 copies of the local shards only, so it costs 4 bytes per local parameter and no
 communication. `state_dict()` wraps the shards back into DTensors so DCP saves and reshards them
-like the model itself.
+like the model itself. Only trained parameters are averaged (`named_params`).
 """
 
 from __future__ import annotations
@@ -31,8 +31,11 @@ def clean_name(name: str) -> str:
 
 
 def named_params(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """The trained parameters: frozen ones (a LoRA network's base weights) never change, so an average
+    of them would be a second copy of the model for nothing."""
     for name, p in model.named_parameters():
-        yield clean_name(name), p
+        if p.requires_grad:
+            yield clean_name(name), p
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -76,7 +76,9 @@ def feed_forward(ffn: torch.nn.Module, h: torch.Tensor, fused: bool) -> torch.Te
     backward, and on the CPU it computes the erf GELU, so training, CPU runs and autocast keep the
     module's own ops."""
     up = ffn.net[0]
-    if not (fused and h.is_cuda and len(ffn.net) == 3 and not torch.is_grad_enabled() and not torch.is_autocast_enabled()
+    # a LoRA-adapted projection (peft's layer, not an nn.Linear) must run its own forward: its .weight is the base's
+    if not (fused and h.is_cuda and len(ffn.net) == 3 and type(up.proj) is torch.nn.Linear
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled()
             and getattr(up, "approximate", None) == "tanh" and up.proj.bias is not None
             and h.dtype == up.proj.weight.dtype and not (ffn.training and ffn.net[1].p > 0)):
         return ffn(h)

@@ -305,7 +305,7 @@ class WanDiT(WanTransformer3DModel):
         """Project the text once per prompt when a cache is given; say how blocks get their K/V."""
         if crossattn_cache is None:
             return self.condition_embedder.text_embedder(context), "compute"
-        wants_grad = torch.is_grad_enabled() and self.condition_embedder.text_embedder.linear_1.weight.requires_grad
+        wants_grad = torch.is_grad_enabled() and self._text_kv_trained()
         if self.compact_text and not crossattn_cache.filled and not wants_grad:
             self.fill_crossattn_cache(context, crossattn_cache)  # compacted, its bias set: then "reuse"
         if crossattn_cache.filled and not wants_grad:
@@ -318,6 +318,13 @@ class WanDiT(WanTransformer3DModel):
         crossattn_cache.set_text_bias(None)
         crossattn_cache.set_context(projected.detach())
         return projected, "store"
+
+    def _text_kv_trained(self) -> bool:
+        """Whether a weight the cross-attention K/V depend on trains: the text embedder's, or the blocks'
+        to_k / to_v (a LoRA network trains only their adapters): then they are computed with grad, not reused."""
+        modules = [self.condition_embedder.text_embedder]
+        modules += [m for block in self.blocks for m in (block.attn2.to_k, block.attn2.to_v)]
+        return any(p.requires_grad for m in modules for p in m.parameters())
 
     # ------------------------------------------------------------------ forward
     @property
