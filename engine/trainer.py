@@ -27,6 +27,7 @@ from torch.distributed.tensor import DTensor
 from engine.build import backbone_config, build_method, build_optimizer, shard_method
 from engine.config import accumulation_steps, optim_config
 from engine.evaluation import evaluate_toy
+from engine.lora import adapter_config, adapter_weights, lora_spec, merged_weights
 from engine.validation import ValidationVideos
 from engine.warm_start import warm_start
 from model.contract import Phase
@@ -269,14 +270,23 @@ class Trainer:
              record["match_rate"], record["coverage"], self.eval_frames, record["long_num_frames"], record["long_match_rate"])
 
     def export(self) -> dict:
-        """The inference weights, consolidated on rank 0 (a collective): EMA once it has started, else the generator."""
-        ema = self.generator_ema
+        """The inference weights, consolidated on rank 0 (a collective): EMA once it has started, else the generator.
+        A LoRA generator's are its adapters (peft's names) and, with model.lora.export_merged, the merged weights."""
+        cfg, ema, generator = self.cfg, self.generator_ema, self.method.generator
+        lora = lora_spec(cfg, "generator")
         if ema is not None:
-            weights = ema.full_state_dict(rank0_only=True)
-        else:
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 gets them, on the CPU
-            weights = get_model_state_dict(self.method.generator, options=options)
-        cfg = self.cfg
+            weights = ema.full_state_dict(rank0_only=True)  # a LoRA generator's EMA holds its adapters only
+        else:  # rank 0 gets them, on the CPU; of a LoRA generator the adapters only (the base is frozen)
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora is not None)
+            weights = get_model_state_dict(generator, options=options)
+        lora_parts = {}
+        if lora is not None:
+            lora_parts = {"adapter": adapter_weights(generator, weights), "adapter_config": adapter_config(lora)}
+            trained, weights = weights, {}
+            if cfg.model.lora.export_merged:
+                base = get_model_state_dict(generator, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+                if base:  # rank 0
+                    weights = merged_weights(backbone_config(cfg), lora, base | trained)
         config = {
             "backbone": backbone_config(cfg),
             "method": OmegaConf.to_container(cfg.method, resolve=True),
@@ -284,7 +294,7 @@ class Trainer:
             "data": OmegaConf.to_container(cfg.data, resolve=False),
             "weights": "ema" if ema is not None else "generator",
         }
-        return {"weights": weights, "config": config}
+        return {"weights": weights, "config": config, **lora_parts}
 
     def save(self, step: int) -> None:
         reshard(self.method.generator)  # an evaluation without EMA may have left it gathered; export its fp32 shards

@@ -9,7 +9,9 @@ dicts (step, RNG states, config text) are per rank (`rank_XXXXX.pt`): RNG states
 
 Everything is written to `step_XXXXXX.tmp/` and renamed once every rank has finished, so a
 directory without `.tmp` is complete. The export (`export/model.safetensors`, `export/config.json`)
-is for inference only and never read on resume (EDM2 keeps snapshots and training state apart).
+is for inference only and never read on resume (EDM2 keeps snapshots and training state apart). A LoRA
+generator's export is a peft adapter (`export/adapter_model.safetensors`, `export/adapter_config.json`;
+engine/lora.py), with or without the merged `model.safetensors`.
 
 Nothing lost, nothing silent:
 - `meta.json` records every file's size, so a truncated or missing file is named before DCP reads
@@ -59,6 +61,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 META = "meta.json"
 DCP_INDEX = ".metadata"  # DCP's index: tensor shapes and where their bytes are
+EXPORT_ADAPTER, EXPORT_ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"  # peft's file names
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _ANY_STEP = re.compile(r"^step_(\d+)(\.tmp)?$")  # complete or interrupted
 _WHERE = "a step directory (<run_dir>/checkpoints/step_XXXXXX) or a run directory holding checkpoints/"
@@ -481,15 +484,16 @@ class CheckpointManager:
         return run == self.run_id or (run in bounds and step <= bounds[run])
 
     def save(self, step: int, state: dict[str, Any], export: dict | None = None) -> Path:
-        """Save on every rank (collective). `export` = {"weights": {name: tensor}, "config": dict}."""
+        """Save on every rank (collective). `export` = {"weights": {name: tensor}, "config": dict} and, for a
+        LoRA generator, "adapter": {peft name: tensor}, "adapter_config": dict (weights then may be {})."""
         modules, optims, stateful, plain = _split(state)
         to_save, _ = _state_dicts(modules, optims, stateful)
-        weights = self._export_weights(export)
+        weights, adapter = self._export_weights(export, "weights"), self._export_weights(export, "adapter")
         per_rank = _per_rank_bytes(plain)
 
         # Refuse before anything touches the disk; every rank must agree, so gather the verdicts.
         checked = [nt for k in (*modules, *stateful) for nt in _tensors(to_save[k], k)]
-        checked += [(f"export.{k}", t) for k, t in weights.items()]
+        checked += [(f"export.{k}", t) for k, t in (weights | adapter).items()]
         bad = [b for b in all_gather_object(_first_nonfinite(checked)) if b is not None]
         if bad:
             raise FloatingPointError(f"refusing to save step {step}: {bad[0]} holds NaN or Inf; nothing was written")
@@ -505,8 +509,8 @@ class CheckpointManager:
         rank_file = tmp / rank_file_name(get_rank())
         rank_file.write_bytes(per_rank)
         _fsync(rank_file)
-        if is_main() and weights:
-            self._write_export(tmp / "export", weights, export.get("config", {}))
+        if is_main() and (weights or adapter):
+            self._write_export(tmp / "export", weights, export.get("config", {}), adapter, export.get("adapter_config"))
         barrier()  # every rank's files are on disk: rank 0 records their sizes, then declares the step complete
 
         if is_main():
@@ -528,27 +532,32 @@ class CheckpointManager:
         return final
 
     @staticmethod
-    def _export_weights(export: dict | None) -> dict[str, torch.Tensor]:
+    def _export_weights(export: dict | None, part: str) -> dict[str, torch.Tensor]:
         if export is None:
             return {}
-        unknown = set(export) - {"weights", "config"}
+        unknown = set(export) - {"weights", "config", "adapter", "adapter_config"}
         if unknown:
-            raise KeyError(f"export takes 'weights' and 'config', got unexpected {sorted(unknown)}")
+            raise KeyError(f"export takes 'weights', 'config', 'adapter' and 'adapter_config', got unexpected {sorted(unknown)}")
         # full_tensor() is a collective: sharded export weights must be passed on every rank.
         return {
-            k: (t.full_tensor() if isinstance(t, DTensor) else t).detach() for k, t in export["weights"].items()
+            k: (t.full_tensor() if isinstance(t, DTensor) else t).detach() for k, t in export.get(part, {}).items()
         }
 
     @staticmethod
-    def _write_export(folder: Path, weights: dict[str, torch.Tensor], config: dict) -> None:
+    def _write_export(folder: Path, weights: dict[str, torch.Tensor], config: dict,
+                      adapter: dict[str, torch.Tensor], adapter_config: dict | None) -> None:
         folder.mkdir()
         (folder / "config.json").write_text(json.dumps(config, indent=2))
-        tensors = folder / "model.safetensors"
-        save_file({k: t.cpu().contiguous() for k, t in weights.items()}, str(tensors))
-        # safetensors writes 0600; give it the permissions of the files written beside it (0666 less
-        # the umask), read from config.json rather than by setting the process-wide umask to read it
-        os.chmod(tensors, stat.S_IMODE((folder / "config.json").stat().st_mode))
-        _fsync(tensors)
+        if adapter:
+            (folder / EXPORT_ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2))
+        for name, tensors in (("model.safetensors", weights), (EXPORT_ADAPTER, adapter)):
+            if not tensors:
+                continue
+            save_file({k: t.cpu().contiguous() for k, t in tensors.items()}, str(folder / name))
+            # safetensors writes 0600; give it the permissions of the files written beside it (0666 less
+            # the umask), read from config.json rather than by setting the process-wide umask to read it
+            os.chmod(folder / name, stat.S_IMODE((folder / "config.json").stat().st_mode))
+            _fsync(folder / name)
 
     def _remove_interrupted(self) -> None:
         # Only the writer cleans up: a reader (inference on a live run) must not delete a save
