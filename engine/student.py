@@ -2,8 +2,9 @@
 the generator, text encoder and VAE built from it with the speed levers applied.
 
 `resolve_checkpoint` accepts a run directory, a step directory, an exported model.safetensors (with
-the config.json training wrote beside it) or an original Self-Forcing .pt, and chooses EMA or raw
-generator weights without loading tensors; `run_config` gives the {model, method, data} config that
+the config.json training wrote beside it), a LoRA generator's exported adapter_model.safetensors (loaded
+onto its base, model.generator_init, and merged; engine/lora.py) or an original Self-Forcing .pt, and
+chooses EMA or raw generator weights without loading tensors; a LoRA export with merged weights loads those; `run_config` gives the {model, method, data} config that
 describes them; `build_student` builds the `Student` the generation loop (engine/inference.py) runs.
 
 An export is plain data (safetensors + JSON) and may come from anyone: its config is checked by
@@ -31,6 +32,8 @@ from model.wan.transformer import WanDiT
 from model.wan.weights import SELF_FORCING_KEYS, load_strict, read_state_dict
 from pipeline.cuda_graphs import ChunkGraphs
 from engine.build import DTYPES, backbone_config
+from engine.config import relative_hint
+from engine.lora import ADAPTER_WEIGHTS, add_adapters, load_adapter, lora_spec
 from utils.checkpoint import CheckpointManager, find_checkpoint
 from utils.speed import SpeedSchema, apply_levers, resolve_levers
 from utils.toy_metrics import match_rule
@@ -38,7 +41,8 @@ from utils.toy_metrics import match_rule
 GROUPS = ("model", "method", "data")  # config groups shared with training
 CHECKPOINT_FORMS = (
     "a training run directory, a step directory (<run>/checkpoints/step_XXXXXX), an exported "
-    "model.safetensors with its config.json beside it, or a Self-Forcing .pt holding generator / generator_ema"
+    "model.safetensors (or a LoRA adapter_model.safetensors) with its config.json beside it, or a Self-Forcing .pt "
+    "holding generator / generator_ema"
 )
 # The packages whose classes a checkpoint's config may build (`check_targets`): the project's own.
 TRUSTED_PACKAGES = ("model.", "utils.data.")
@@ -76,13 +80,15 @@ def resolve_checkpoint(checkpoint: str, use_ema: bool | None) -> Source:
         return _self_forcing_source(path, use_ema)
     if path.is_dir():
         export = find_checkpoint(path) / "export" / "model.safetensors"
+        if not export.is_file() and (export.parent / ADAPTER_WEIGHTS).is_file():  # LoRA, exported unmerged
+            export = export.parent / ADAPTER_WEIGHTS
     elif path.suffix == ".safetensors":
         export = path
     else:
         raise ValueError(f"checkpoint={checkpoint} is neither a directory, a .safetensors nor a .pt file; expected {CHECKPOINT_FORMS}")
     config_path = export.parent / "config.json"
     if not export.is_file() or not config_path.is_file():
-        raise FileNotFoundError(f"{export.parent} lacks model.safetensors or config.json; expected a training export")
+        raise FileNotFoundError(f"{export.parent} lacks {export.name} or config.json; expected a training export")
     config = json.loads(config_path.read_text())
     lacking = [k for k in ("backbone", "method", "model", "data", "weights") if k not in config]
     if lacking:
@@ -259,13 +265,33 @@ class Student(RolloutParts):
         return kv, cross
 
 
+def lora_base(m: DictConfig, source: Source) -> str:
+    """The base weights a LoRA adapter export was trained on: its model.generator_init."""
+    base = m.generator_init
+    if base is None:
+        raise ValueError(f"{source.path} is a LoRA adapter without its base weights, and model.generator_init is "
+                         "null (the base was random); pass model.generator_init=<base weights>, or use an export "
+                         "trained with model.lora.export_merged=true")
+    if not Path(base).exists():
+        raise FileNotFoundError(f"model.generator_init={base!r}, the base weights of the LoRA adapter {source.path}, "
+                                f"does not exist{relative_hint(base)}; pass model.generator_init=<base weights>")
+    return str(base)
+
+
 def build_student(node: DictConfig, method: MethodConfig, source: Source, device: torch.device, world=None,
                   speed=None) -> Student:
     check_targets(node, source.config_origin)  # also when called without run_config
     m = node.model
     generator = WanDiT(**backbone_config(node))
     if source.step_dir is not None:  # the raw generator from the DCP resume state
+        lora = lora_spec(node, "generator") if "lora" in m else None
+        tuner = add_adapters(generator, lora, "generator") if lora is not None else None  # its state has them
         CheckpointManager(source.step_dir.parent.parent, keep=0).load(source.step_dir, {"generator": generator})
+        generator = tuner.merge_and_unload() if tuner is not None else generator
+    elif source.path.name == ADAPTER_WEIGHTS:  # a LoRA export: the adapter onto its base, merged
+        base = lora_base(m, source)
+        load_strict(generator, read_state_dict(base), source=base)
+        generator = load_adapter(generator, source.path.parent)
     else:
         load_strict(generator, read_state_dict(source.path, source.key), source=str(source.path))
     with without_log(*FP32_CAST_WARNING):
