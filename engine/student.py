@@ -2,9 +2,10 @@
 the generator, text encoder and VAE built from it with the speed levers applied.
 
 `resolve_checkpoint` accepts a run directory, a step directory, an exported model.safetensors (with
-the config.json training wrote beside it), a LoRA generator's exported adapter_model.safetensors (loaded
-onto its base, model.generator_init, and merged; engine/lora.py) or an original Self-Forcing .pt, and
-chooses EMA or raw generator weights without loading tensors; a LoRA export with merged weights loads those; `run_config` gives the {model, method, data} config that
+the config.json training wrote beside it), a LoRA generator's exported adapter_model.safetensors (put
+onto its base, model.generator_init, and merged; engine/lora.py; a directory takes the export's merged
+model.safetensors where there is one) or an original Self-Forcing .pt, and chooses EMA or raw
+generator weights without loading tensors; `run_config` gives the {model, method, data} config that
 describes them; `build_student` builds the `Student` the generation loop (engine/inference.py) runs.
 
 An export is plain data (safetensors + JSON) and may come from anyone: its config is checked by

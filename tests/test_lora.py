@@ -177,6 +177,18 @@ def test_a_lora_critic_trains_its_adapters_only(tmp_path):
     assert any(not torch.equal(first[k], last[k]) for k in last if k.startswith(".generator."))  # full fine-tuning
 
 
+def test_without_ema_the_export_is_the_generators_adapter(tmp_path):
+    run_dir = run(tmp_path / "noema", "model.lora.generator.rank=2", "ema_weight=0", "max_steps=1",
+                  "model.lora.export_merged=true")
+    export = run_dir / "checkpoints" / "step_000001" / "export"
+    state = checkpoint_tensors(run_dir / "checkpoints" / "step_000001", tmp_path)
+    adapter = load_file(str(export / ADAPTER_WEIGHTS))
+    assert adapter.keys() == {k.removeprefix(".generator.").replace(".default", "") for k in state if ".lora_" in k
+                              and k.startswith(".generator.")}
+    assert all(torch.equal(adapter[k], state[".generator." + k.replace(".weight", ".default.weight")]) for k in adapter)
+    build_backbone(compose_config(), None).load_state_dict(load_file(str(export / "model.safetensors")))  # strict
+
+
 def _worker(rank, world, port, run_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
