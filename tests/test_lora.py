@@ -25,7 +25,8 @@ from tests.train_setup import compose_config
 from utils.checkpoint import CheckpointManager
 from utils.ema import EMA
 
-LORA = ("model.lora.generator.rank=4", "ema_start_step=0", "logger.every=1")  # EMA of the updates at steps 0 and 2
+# alpha 8: a scale of 2, which every loader must read from the export (1 would be alpha's default)
+LORA = ("model.lora.generator.rank=4", "model.lora.generator.alpha=8", "ema_start_step=0", "logger.every=1")  # EMA of the updates at steps 0 and 2
 COMMON = ("max_steps=4", "checkpoint.every=2")
 STEP = Path("checkpoints") / "step_000004"
 
@@ -118,6 +119,10 @@ def test_adapter_export_loads_with_peft_and_gives_the_trained_outputs(runs):
     error = (trained - loaded).abs().max().item()
     print(f"adapter export vs trained generator: max abs error {error:.3e} (outputs up to {trained.abs().max():.2f})")
     assert error == 0.0  # the same weights through the same layers
+    diffusers = build_backbone(compose_config(), None)  # a WanTransformer3DModel: diffusers' own loader
+    diffusers.load_state_dict(load_file(str(runs / "base.safetensors")))
+    diffusers.load_lora_adapter(str(runs / "straight" / STEP / "export"), weight_name=ADAPTER_WEIGHTS, prefix=None)
+    assert torch.equal(outputs(diffusers.eval()), loaded)
 
 
 def test_merged_export_equals_the_adapter_applied(runs):

@@ -550,10 +550,12 @@ class CheckpointManager:
         (folder / "config.json").write_text(json.dumps(config, indent=2))
         if adapter:
             (folder / EXPORT_ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2))
-        for name, tensors in (("model.safetensors", weights), (EXPORT_ADAPTER, adapter)):
+        # the adapter's config also in its file's metadata, where diffusers' load_lora_adapter reads it (its alpha)
+        lora_metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(adapter_config, indent=2, sort_keys=True)}
+        for name, tensors, metadata in (("model.safetensors", weights, None), (EXPORT_ADAPTER, adapter, lora_metadata)):
             if not tensors:
                 continue
-            save_file({k: t.cpu().contiguous() for k, t in tensors.items()}, str(folder / name))
+            save_file({k: t.cpu().contiguous() for k, t in tensors.items()}, str(folder / name), metadata=metadata)
             # safetensors writes 0600; give it the permissions of the files written beside it (0666 less
             # the umask), read from config.json rather than by setting the process-wide umask to read it
             os.chmod(folder / name, stat.S_IMODE((folder / "config.json").stat().st_mode))
