@@ -209,11 +209,15 @@ class SelfForcingModel(torch.nn.Module, RolloutParts):
             return pred
         return pred + scale * (pred - self.x0(net, x_t, t, self.negative(x_t.shape[0])))
 
-    def score_timestep(self, batch: int, frames: int, denoised: tuple[int, int] | None) -> torch.Tensor:
-        """[B, F]: uniform in [low, high) per sample, shifted and clamped as the reference does."""
+    def score_timestep(self, batch: int, frames: int, denoised: tuple[int, int] | None,
+                       above: bool | None = None, below: bool | None = None) -> torch.Tensor:
+        """[B, F]: uniform in [low, high) per sample, shifted and clamped as the reference does.
+        above / below: bound it by the rollout's denoised range (None: ts_schedule / ts_schedule_max)."""
         cfg, n = self.cfg, self.schedule.num_train_timesteps
-        low = denoised[1] if cfg.ts_schedule and denoised else cfg.min_score_timestep
-        high = denoised[0] if cfg.ts_schedule_max and denoised else n
+        above = cfg.ts_schedule if above is None else above
+        below = cfg.ts_schedule_max if below is None else below
+        low = denoised[1] if above and denoised else cfg.min_score_timestep
+        high = denoised[0] if below and denoised else n
         u = self.rng.randint(low, max(high, low + 1), (batch,))
         return self.schedule.score_timestep(
             u, frames, shift=cfg.timestep_shift, min_step=int(cfg.min_step_ratio * n), max_step=int(cfg.max_step_ratio * n)

@@ -108,13 +108,7 @@ class DecoupledDMD(DMD):
 
     def ca_timestep(self, batch: int, frames: int, denoised: tuple[int, int] | None) -> torch.Tensor:
         """[B, F]: score_timestep's draw with the CA bounds: below the exit step's input timestep by default."""
-        cfg, n = self.cfg, self.schedule.num_train_timesteps
-        low = denoised[1] if cfg.ca_ts_schedule and denoised else cfg.min_score_timestep
-        high = denoised[0] if cfg.ca_ts_schedule_max and denoised else n
-        u = self.rng.randint(low, max(high, low + 1), (batch,))
-        return self.schedule.score_timestep(
-            u, frames, shift=cfg.timestep_shift, min_step=int(cfg.min_step_ratio * n), max_step=int(cfg.max_step_ratio * n)
-        )
+        return self.score_timestep(batch, frames, denoised, above=self.cfg.ca_ts_schedule, below=self.cfg.ca_ts_schedule_max)
 
     def real_predictions(self, noisy, t, context, uncond: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's (x_c, x_cfg), x_cfg as guided_x0 computes it; without `uncond`, x_cfg is x_c."""
