@@ -43,16 +43,18 @@ class DMD(SelfForcingModel):
 
     def distribution_matching(self, video, mask, denoised, context, batch: dict) -> tuple[torch.Tensor, dict]:
         """The DMD loss of the generator's clip: noised to a score timestep, denoised by both scores."""
-        b, frames = video.shape[:2]
-        t = self.score_timestep(b, frames, denoised)
         with torch.no_grad():
-            noise = self.rng.randn_like(video)
-            noisy = self.schedule.add_noise(video.detach(), noise, t)
+            t, noisy = self.noised_for_scores(video.detach(), denoised)
             pred_fake = self.guided_x0(self.fake_score, noisy, t, context, self.cfg.fake_guidance_scale)
             pred_real = self.guided_x0(self.real_score, noisy, t, context, self.cfg.guidance_scale)
             weight, logs = self.sample_weights(noisy, t, context, batch)
         loss, grad_norm = dmd_loss(video, pred_real, pred_fake, mask, weight)
         return loss, {"dmd_grad_norm": grad_norm, "score_timestep": t.mean(), **logs}
+
+    def noised_for_scores(self, video, denoised) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t [B, F], x_t): the clip noised to a score timestep; the draws in this order (t, then noise)."""
+        t = self.score_timestep(video.shape[0], video.shape[1], denoised)
+        return t, self.schedule.add_noise(video, self.rng.randn_like(video), t)
 
     def sample_weights(self, noisy, t, context, batch: dict) -> tuple[torch.Tensor | None, dict]:
         """Per-sample factors on the DMD gradient ([B] or None: all 1), and what to log about them."""

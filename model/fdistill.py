@@ -177,12 +177,10 @@ class FDistill(DMD2):
 
     def weight_totals(self, batch: dict) -> dict:
         """The prepass: the sum and count of h(r) over this micro-batch, drawn exactly as the loss draws
-        them (rollout, score timestep, noise: distribution_matching's order)."""
+        them (the rollout, then noised_for_scores, as distribution_matching)."""
         if not (self.weighted and self.cfg.fdiv.normalize):
             return {}
         video, _, denoised = self.generate(batch)
-        b, frames = video.shape[:2]
-        t = self.score_timestep(b, frames, denoised)
-        noisy = self.schedule.add_noise(video, self.rng.randn_like(video), t)
+        t, noisy = self.noised_for_scores(video, denoised)
         h = self.ratio_weights(noisy, t, self.encode(batch["prompts"]))[0]
-        return {"weight_sum": h.sum(), "count": torch.tensor(float(b), dtype=h.dtype, device=h.device)}
+        return {"weight_sum": h.sum(), "count": torch.tensor(float(h.numel()), dtype=h.dtype, device=h.device)}
