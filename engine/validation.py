@@ -104,9 +104,7 @@ class ValidationVideos:
         }
 
     def teacher_guidance(self, method) -> float:
-        g = self.cfg.eval.teacher_guidance_scale
-        # the methods' real-score CFG is cond + s (cond - uncond) = uncond + (1 + s) (cond - uncond)
-        return float(1 + method.cfg.guidance_scale if g is None else g)
+        return teacher_guidance(self.cfg.eval.teacher_guidance_scale, method.cfg)
 
     def negative_prompt(self, method) -> str:
         negative = self.cfg.eval.negative_prompt
@@ -145,10 +143,7 @@ class ValidationVideos:
             uncond = method.negative(1) if negative is None else method.encode([negative])
 
         def make(item: Item) -> torch.Tensor:
-            # the student's initial noise for this prompt and seed: its first draw from the same stream
-            noise = SampleRNG([item.noise_key], method.device).randn((1, self.num_frames, *method.latent_shape))
-            x, _ = euler_sample(method.real_score, noise, sigmas, method.encode([item.prompt]), uncond, guidance)
-            return method.vae.decode(x).float().cpu()[0]
+            return teacher_clips(method.real_score, method, method.vae, [item], self.num_frames, sigmas, uncond, guidance)[0]
 
         title = f"teacher: {ev.teacher_steps} Euler steps, CFG {guidance:g}"
         record = {"step": step, "settings": self.teacher_settings(method)}
@@ -184,6 +179,29 @@ class ValidationVideos:
         tmp.write_text(json.dumps(index, indent=2, ensure_ascii=False))
         os.replace(tmp, folder / "index.json")  # last: a folder with index.json is complete (teacher_done)
         log0("%s: %d validation videos -> %s", title, len(items), folder)
+
+
+def teacher_guidance(scale: float | None, method_cfg) -> float:
+    """The teacher's CFG scale: `scale`, or null for the score the methods distil. Their real-score CFG is
+    cond + s (cond - uncond) = uncond + (1 + s) (cond - uncond), so g = 1 + method.guidance_scale."""
+    return float(1 + method_cfg.guidance_scale if scale is None else scale)
+
+
+@torch.no_grad()
+def teacher_clips(teacher, parts, vae, items: list[Item], num_frames: int, sigmas: list[float],
+                  uncond: torch.Tensor | None, guidance: float) -> torch.Tensor:
+    """The teacher's videos of `items` in one batch: pixels [B, F', C, H, W] float32 on the CPU, in [-1, 1].
+
+    Each starts from its student's initial noise: the first draw of the item's stream, as
+    engine/inference.py `generate` draws it (row b of a batch equals the item's draw alone). The Euler
+    ODE with CFG against `uncond` [1, L, D] (None: no CFG); `parts` encodes the prompts (a method or an
+    inference Student: model/base.py RolloutParts), `vae` decodes."""
+    rng = SampleRNG([it.noise_key for it in items], parts.device)
+    noise = rng.randn((len(items), num_frames, *parts.latent_shape))
+    if uncond is not None:
+        uncond = uncond.expand(len(items), *uncond.shape[1:])
+    x, _ = euler_sample(teacher, noise, sigmas, parts.encode([it.prompt for it in items]), uncond, guidance)
+    return vae.decode(x).float().cpu()
 
 
 def grid_cell(clip: torch.Tensor) -> torch.Tensor:
