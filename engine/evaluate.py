@@ -31,7 +31,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from engine.build import BUILDERS, DTYPES
 from engine.config import DataSchema, ModelSchema
 from engine.inference import InferenceSchema, Item, Plan, generate, prepare, summarise
-from engine.student import run_config
+from engine.student import FP32_CAST_WARNING, run_config, without_log
 from engine.validation import teacher_clips, teacher_guidance
 from model.wan.attention import resolve_backend
 from model.wan.transformer import WanDiT
@@ -211,13 +211,13 @@ def build_teacher(cfg: DictConfig, plan: Plan, overrides: list[str], device: tor
     """The first checkpoint's teacher (model.teacher or model.teacher_path), frozen, with inference's DiT levers."""
     node = run_config(inference_config(cfg, str(plan.source.path)), plan.source, overrides)
     teacher = BUILDERS["teacher"](node, {}).eval().requires_grad_(False).to(device)
-    if isinstance(teacher, WanDiT):
+    if isinstance(teacher, WanDiT):  # as engine/build.py sets a frozen teacher up, with inference's kernel levers
         dtype = DTYPES[node.model.dtype]
         levers = resolve_levers(cfg.speed, device, node.model.attention_backend)
-        teacher.to(dtype=dtype)
+        with without_log(*FP32_CAST_WARNING):  # WanDiT computes its float32 parts itself (engine/student.py)
+            teacher.to(dtype=dtype)
         teacher.set_attention_backend("fa4" if levers["fa4_attention"] else resolve_backend(node.model.attention_backend, device, dtype))
         teacher.set_fused_elementwise(levers["fused_elementwise"])
-        teacher.set_compact_text(levers["compact_text"])
     return teacher
 
 
@@ -329,6 +329,7 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] = ()) -> d
     if earlier and not cfg.overwrite:
         raise ValueError(f"output_dir={out_dir} already holds an evaluation ({', '.join(p.name for p in earlier)}); "
                          "pass overwrite=true to replace it, or choose another output_dir")
+    start = time.perf_counter()
     names = row_names(cfg, checkpoint_list(cfg))
     plans = prepare_students(cfg, list(overrides), device)  # bad input stops here, before anything is written
     teacher = build_teacher(cfg, plans[0], list(overrides), device) if cfg.teacher.enabled else None
@@ -341,15 +342,20 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] = ()) -> d
     out_dir.mkdir(parents=True, exist_ok=True)
 
     rows: list[Row] = []
+    wall = {"load_s": time.perf_counter() - start}  # where the run's time went, generation and scores included
     bar = ProgressBar(total=len(items) * (len(plans) + (teacher is not None)))
     try:
         if teacher is not None:
+            mark = time.perf_counter()
             rows.append(teacher_row(cfg, teacher, plans[0], scorers, bar, device))
+            wall["teacher_s"] = time.perf_counter() - mark
             del teacher  # its memory goes back before the students' caches are allocated
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        mark = time.perf_counter()
         for name, plan in zip(names, plans):
             rows.append(student_row(name, cfg, plan, scorers, bar, device, rows[0] if rows and rows[0].name == TEACHER else None))
+        wall["students_s"] = time.perf_counter() - mark
     finally:
         bar.close()
-    return outputs.write_all(out_dir, cfg, plans, rows, scorers, device)
+    return outputs.write_all(out_dir, cfg, plans, rows, scorers, device, wall, start)

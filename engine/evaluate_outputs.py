@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,7 +37,9 @@ CURVES = (("consistency", "CLIP consistency of frames t-1, t", 1), ("flicker", "
 TITLE_CHARS = 90  # prompt characters in a side-by-side header; metrics.json holds the whole prompt
 
 
-def write_all(out_dir: Path, cfg, plans: list, rows: list, scorers, device) -> dict:
+def write_all(out_dir: Path, cfg, plans: list, rows: list, scorers, device, wall: dict, start: float) -> dict:
+    """Every output file; returns metrics.json's content. `wall`: seconds by phase so far, `start`: the run's
+    perf_counter at its start (the total includes this writing)."""
     items, first = plans[0].items, plans[0]
     tc = first.student.vae.temporal_compression
     pixel_frames = 1 + tc * (first.num_frames - 1)
@@ -44,8 +47,13 @@ def write_all(out_dir: Path, cfg, plans: list, rows: list, scorers, device) -> d
         row.info["training_frames"] = plan.student.cfg.num_training_frames
         row.info["training_pixel_frames"] = 1 + tc * (plan.student.cfg.num_training_frames - 1)
     skipped = dict(scorers.skipped)
+    mark = time.perf_counter()
     files = write_videos(out_dir, cfg, items, rows)
+    wall["write_videos_s"] = time.perf_counter() - mark
+    mark = time.perf_counter()
     vbench = run_vbench(out_dir, cfg, items, rows, files, skipped, device)
+    if vbench:
+        wall["vbench_s"] = time.perf_counter() - mark
     metrics = {
         "prompts": list(dict.fromkeys(it.prompt for it in items)),
         "seeds": list(dict.fromkeys(it.seed for it in items)),
@@ -54,6 +62,7 @@ def write_all(out_dir: Path, cfg, plans: list, rows: list, scorers, device) -> d
         "models": {r.name: r.info for r in rows},
         "mean": {r.name: mean_scores(r) | vbench.get(r.name, {}) for r in rows},
         "speed": {r.name: r.speed for r in rows},
+        "wall": wall,
         "items": [{"index": it.index, "prompt": it.prompt, "seed": it.seed, "side_by_side": files["side_by_side"][i],
                    "videos": {r.name: files[r.name][i] for r in rows},
                    "scores": {r.name: r.scores[i] for r in rows}} for i, it in enumerate(items)],
@@ -63,6 +72,7 @@ def write_all(out_dir: Path, cfg, plans: list, rows: list, scorers, device) -> d
         "skipped": skipped,
     }
     plot_drift(out_dir / "drift.png", metrics, rows)
+    wall["total_s"] = time.perf_counter() - start
     (out_dir / "index.html").write_text(page(metrics), encoding="utf-8")
     tmp = out_dir / ".metrics.partial.json"
     tmp.write_text(json.dumps(metrics, indent=2, ensure_ascii=False, allow_nan=False))
@@ -185,7 +195,7 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}} td:first-child,t
 video{{max-width:100%;display:block}} section{{margin:2em 0}} img{{max-width:100%}}</style></head><body>
 <h1>Student vs teacher</h1><p>{len(m["items"])} videos per model, {frames}{"; past the training length" if m["past_training_length"] else ""}.
 Columns of each video: {" | ".join(html.escape(n) for n in names)}.</p>
-<h2>Mean scores</h2>{means}<h2>Speed</h2>{speed}
+<h2>Mean scores</h2>{means}<h2>Speed</h2>{speed}<p>Wall time: {", ".join(f"{k[:-2].replace('_', ' ')} {v:.1f} s" for k, v in m["wall"].items())}.</p>
 {f"<h2>Skipped</h2><ul>{notes}</ul>" if notes else ""}
 <h2>Per frame</h2><img src="drift.png" alt="per-frame scores">
 <h2>Videos</h2>{"".join(items)}

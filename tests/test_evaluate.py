@@ -233,3 +233,20 @@ def test_entry_point_error_is_one_line(tmp_path):
     assert lines[-2] == (f"error: checkpoint={tmp_path / 'none.pt'} does not exist; expected {student.CHECKPOINT_FORMS} "
                          f"(nothing was written: the run directory {run_dir} was removed)")
     assert lines[-1] == "(HYDRA_FULL_ERROR=1 shows the traceback)" and not run_dir.exists()
+
+
+def test_bench_script_at_tiny_size(tmp_path):
+    """scripts/bench_evaluate.py's CPU path: the assets written once, evaluate's own run timed by phase."""
+    from scripts import bench_evaluate
+
+    args = ["--tiny", "--device", "cpu", "--root", str(tmp_path), "--prompts", "3", "--batch-size", "2", "--teacher-steps", "2",
+            "--out", str(tmp_path / "bench.json"), "vbench.dimensions=[]"]
+    summary = bench_evaluate.main(args)
+    assert json.loads((tmp_path / "bench.json").read_text()) == summary
+    assert summary["video_frames"] == 5 and summary["teacher_steps"] == 2 and summary["student_fps"] > 0
+    assert set(summary["wall"]) == {"load_s", "teacher_s", "students_s", "write_videos_s", "total_s"}
+    assert summary["wall"]["total_s"] <= summary["total_s"]
+    metrics = json.loads((tmp_path / "tiny" / "evaluation" / "metrics.json").read_text())
+    assert list(metrics["models"]) == ["teacher", "student"] and len(metrics["items"]) == 3
+    assert metrics["clip"]["backend"] == "transformers" and "vbench" not in metrics["skipped"]
+    assert len(bench_evaluate.prompts(16)) == len(set(bench_evaluate.prompts(16))) == 16
