@@ -3,6 +3,8 @@
     python inference.py checkpoint=outputs/2025-01-01/12-00-00          # a run's latest step, toy prompts
     python inference.py checkpoint=<run dir> prompts=prompts.txt seed=[0,1] num_frames=36
     python inference.py checkpoint=self_forcing_dmd.pt model=wan2.1_t2v_1.3b prompts=prompts.txt
+    python inference.py checkpoint=<run dir> prompts=story.yaml duration=60      # a timeline: one long video, prompts switched
+    python inference.py checkpoint=<run dir> prompts="[the car drives on]" init_video=clip.mp4   # continue a video
     torchrun --nproc_per_node=8 inference.py checkpoint=<run dir> prompts=prompts.txt   # items split over GPUs
 """
 

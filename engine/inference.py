@@ -10,6 +10,12 @@ batch size or number of ranks. Everything that can be wrong with the input is ch
 first file is written, and every file is written under a temporary name and renamed. An output_dir
 that holds an earlier inference is refused unless overwrite=true, which first removes that run's files
 (`earlier_run`), so old and new videos never mix silently.
+
+Timelines (`prompts=` a .yaml / .yml file of {start: <seconds>, prompt: <text>} entries) and continuation
+(`init_video=` / `init_image=`) run each video as a `engine.stream.Stream` instead: one item at a time, its
+prompt switched at the chunk where each entry starts, its frames written to the mp4 as they come. With
+the item's noise key and length a stream draws generate's noise, so a one-entry timeline gives the
+prompt's video.
 """
 
 from __future__ import annotations
@@ -20,18 +26,20 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
+import yaml
 from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 from tqdm import tqdm
 
 from model.base import MethodConfig
-from pipeline.rollout import rollout
+from pipeline.rollout import chunk_starts, rollout
 from engine.build import backbone_config
 from utils.distributed import pick_device
 from engine.config import DataSchema, ModelSchema, method_config
@@ -40,6 +48,7 @@ from engine.evaluation import EVAL_PHASE, EVAL_STEP  # training's evaluation noi
 from utils.data import PromptFile
 from utils.sample_rng import SampleRNG, mix_seed
 from utils.speed import SpeedSchema
+from engine.stream import Stream, StreamCaches, StreamSchema, context_latents, stream_pattern
 from engine.student import CHECKPOINT_FORMS, Source, Student, build_student, resolve_checkpoint, run_config
 
 log = logging.getLogger(__name__)
@@ -55,6 +64,9 @@ class InferenceSchema:
     prompts: Any = None
     seed: Any = 0
     num_frames: Optional[int] = None
+    duration: Optional[float] = None
+    init_video: Optional[str] = None
+    init_image: Optional[str] = None
     batch_size: int = 4
     output_dir: Optional[str] = None
     overwrite: bool = False
@@ -63,6 +75,7 @@ class InferenceSchema:
     fps: int = 16
     device: str = "auto"
     speed: SpeedSchema = field(default_factory=SpeedSchema)
+    stream: StreamSchema = field(default_factory=StreamSchema)
     method: Any = MISSING  # training's method group (its rollout knobs describe a Self-Forcing .pt)
     model: ModelSchema = field(default_factory=ModelSchema)
     data: DataSchema = field(default_factory=DataSchema)
@@ -78,6 +91,7 @@ class Item:
     prompt: str
     seed: int
     stem: str  # file name without extension
+    timeline: tuple = ()  # ((start seconds, prompt), ...) of a timeline item; () for a plain prompt
 
     @property
     def noise_key(self) -> int:
@@ -119,6 +133,115 @@ def make_items(prompts: list[str], seeds: list[int]) -> list[Item]:
     pairs = [(p, s) for p in prompts for s in seeds]
     width = max(4, len(str(len(pairs) - 1)))  # zero-padded, so names sort in index order
     return [Item(i, p, s, f"{i:0{width}d}_{slug(p)}_seed{s}") for i, (p, s) in enumerate(pairs)]
+
+
+TIMELINE_SUFFIXES = (".yaml", ".yml")
+TIMELINE_FORM = "a list of {start: <seconds>, prompt: <text>} entries (or a list of such lists, one video each)"
+
+
+def is_timeline(prompts: Any) -> bool:
+    """prompts= names a YAML timeline file (by its suffix)."""
+    return isinstance(prompts, str) and Path(prompts).suffix.lower() in TIMELINE_SUFFIXES
+
+
+def read_timelines(path: str) -> list[tuple[tuple[float, str], ...]]:
+    """The timelines of a YAML file, each ((start seconds, prompt), ...): starting at 0, starts increasing."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"prompts={path} does not exist; expected a YAML timeline: {TIMELINE_FORM}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ValueError(f"prompts={path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"prompts={path} holds no timeline; expected {TIMELINE_FORM}")
+    several = all(isinstance(t, list) for t in data)
+    timelines = data if several else [data]
+    return [_timeline(t, f"prompts={path}" + (f" timeline {i}" if several else "")) for i, t in enumerate(timelines)]
+
+
+def _timeline(entries: list, where: str) -> tuple[tuple[float, str], ...]:
+    if not entries:
+        raise ValueError(f"{where} is empty; expected {TIMELINE_FORM}")
+    out: list[tuple[float, str]] = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or set(entry) != {"start", "prompt"}:
+            shown = repr(entry) if len(repr(entry)) <= 60 else repr(entry)[:57] + "..."
+            raise ValueError(f"{where}: entry {i} is {shown}; expected {{start: <seconds>, prompt: <text>}} (those two keys)")
+        start, prompt = entry["start"], entry["prompt"]
+        if isinstance(start, bool) or not isinstance(start, (int, float)) or not math.isfinite(start) or start < 0:
+            raise ValueError(f"{where}: entry {i} has start {start!r}; expected seconds >= 0")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{where}: entry {i} (start {start} s) has an empty prompt")
+        if i == 0 and start != 0:
+            raise ValueError(f"{where}: the first entry starts at {start} s; a timeline starts at 0 (the first frames' prompt)")
+        if out and start <= out[-1][0]:
+            raise ValueError(f"{where}: entry {i} starts at {start} s, not after entry {i - 1} ({out[-1][0]:g} s): "
+                             "starts must increase (unsorted or overlapping entries)")
+        out.append((float(start), prompt.strip()))
+    return tuple(out)
+
+
+def place_timeline(timeline: tuple, total_frames: int, context: int, pattern, temporal_compression: int, fps: float,
+                   where: str) -> list[tuple[int, str]]:
+    """Each entry's (first latent frame, prompt): the first chunk whose first frame is at or after its start."""
+    def seconds(frame: int) -> float:
+        return (0 if frame == 0 else 1 + temporal_compression * (frame - 1)) / fps
+
+    starts = chunk_starts(pattern, total_frames)
+    length = seconds(total_frames)  # the frame after the last one: the video's length
+    placed = [(0, timeline[0][1])]
+    for i, (start, prompt) in enumerate(timeline[1:], 1):
+        if start >= length:
+            raise ValueError(f"{where}: entry {i} starts at {start:g} s, past the end of the {length:g} s video "
+                             f"({total_frames} latent frames); raise num_frames or duration, or move the entry")
+        frame = next((f for f in starts if seconds(f) >= start - 1e-9), None)
+        if frame is None:
+            raise ValueError(f"{where}: entry {i} starts at {start:g} s, after the last chunk's start "
+                             f"({seconds(starts[-1]):g} s): a prompt takes over at a chunk's first frame")
+        if frame < context:
+            raise ValueError(f"{where}: entry {i} starts at {start:g} s, inside the init frames (the first "
+                             f"{seconds(context):g} s): the first generated chunk starts there")
+        if frame == placed[-1][0]:
+            raise ValueError(f"{where}: entries {i - 1} and {i} take over at the same chunk (latent frame {frame}, "
+                             f"{seconds(frame):g} s): move them apart")
+        placed.append((frame, prompt))
+    return placed
+
+
+def frames_for_duration(duration: float, fps: float, pattern, temporal_compression: int) -> int:
+    """The fewest latent frames, a whole number of blocks, whose video lasts at least `duration` seconds."""
+    if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not duration > 0:
+        raise ValueError(f"duration={duration!r} must be a positive number of seconds")
+    pixels = math.ceil(duration * fps - 1e-9)
+    frames = 1 + max(0, math.ceil((pixels - 1) / temporal_compression))
+    while True:
+        try:
+            pattern.check_clip(frames)
+            return frames
+        except ValueError:
+            frames += 1
+
+
+def read_frames(path: str, key: str) -> torch.Tensor:
+    """An image or a video file as pixels [F, 3, H, W] float32 in [-1, 1] (alpha dropped, grey made RGB)."""
+    import imageio.v3 as iio
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"{key}={path} does not exist; expected {'a video file (mp4)' if key == 'init_video' else 'an image file (png, jpg)'}")
+    try:  # a video [F, H, W, C]; an image [H, W(, C)], made one frame
+        frames = np.asarray(iio.imread(p, index=None)) if key == "init_video" else np.asarray(iio.imread(p))[None]
+    except Exception as e:  # the reader's own message, on one line
+        raise ValueError(f"{key}={path} could not be read: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if frames.ndim == 3:  # grey frames [F, H, W]
+        frames = frames[..., None]
+    if frames.ndim != 4 or frames.shape[-1] not in (1, 3, 4) or frames.dtype != np.uint8:
+        raise ValueError(f"{key}={path} holds {frames.dtype} pixels of shape {frames.shape}; expected 8-bit RGB frames")
+    x = torch.from_numpy(frames[..., :3].copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
 def check_num_frames(num_frames: int, student_cfg: MethodConfig, backbone: dict) -> None:
@@ -301,6 +424,83 @@ def write_item(out_dir: Path, item: Item, pixels: torch.Tensor, latents: torch.T
     return record
 
 
+class Mp4Writer:
+    """uint8 frames [F, H, W, 3] appended to an H.264 mp4 as they come: utils/video.py write_video's encoder
+    settings and padding (to 16-pixel blocks, in the grid colour), without holding the video."""
+
+    def __init__(self, path: Path, fps: float):
+        import imageio.v2 as imageio
+
+        self.writer = imageio.get_writer(path, format="FFMPEG", fps=fps, codec="libx264", macro_block_size=16)
+        self.frames = 0
+
+    def add(self, frames: np.ndarray) -> None:
+        from utils.video import GRID_BG
+
+        t, h, w, _ = frames.shape
+        if h % 16 or w % 16:
+            padded = np.empty((t, -(-h // 16) * 16, -(-w // 16) * 16, 3), dtype=np.uint8)
+            padded[:] = GRID_BG
+            padded[:, :h, :w] = frames
+            frames = padded
+        for frame in frames:
+            self.writer.append_data(frame)
+        self.frames += t
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@torch.no_grad()
+def stream_item(plan: Plan, item: Item, out_dir: Path, cfg: DictConfig, caches: StreamCaches) -> tuple[dict, dict]:
+    """One timeline or continuation item through a Stream: its mp4 written chunk by chunk (then renamed),
+    its prompts switched where the timeline places them. Returns (index record, timing)."""
+    student, timeline = plan.student, item.timeline or ((0.0, item.prompt),)
+    context = 0 if plan.context is None else plan.context.shape[1]
+    total = context + plan.num_frames
+    placed = place_timeline(timeline, total, context, stream_pattern(student, plan.settings), student.vae.temporal_compression,
+                            cfg.fps, f"item {item.index}")
+    start = time.perf_counter()
+    stream = Stream(student, placed[0][1], settings=plan.settings, fps=cfg.fps, num_frames=plan.num_frames,
+                    init_latents=plan.context, key=item.noise_key, caches=caches)
+    for frame, prompt in placed[1:]:
+        stream.switch(prompt, at=frame)
+    latents, first = [], None
+    video = out_dir / f"{item.stem}.mp4"
+
+    def write(tmp: Path) -> None:
+        nonlocal first
+        writer = Mp4Writer(tmp, cfg.fps)
+        try:
+            for chunk in stream:
+                writer.add(chunk.frames.numpy())
+                if first is None and not chunk.context:
+                    first = time.perf_counter() - start
+                if cfg.save_latents:
+                    latents.append(chunk.latents.float().cpu())
+        finally:
+            writer.close()
+            stream.stop()
+
+    _replace_into(video, write)
+    seconds = time.perf_counter() - start
+    frames = 1 + student.vae.temporal_compression * (total - 1)
+    record = {"index": item.index, "file": video.name, "prompt": item.prompt, "seed": item.seed, "frames": frames}
+    if item.timeline:
+        record["timeline"] = [{"start": s, "prompt": p, "latent_frame": f, "time": stream.time_of(f)}
+                              for (s, p), (f, _) in zip(timeline, placed)]
+    if plan.context is not None:
+        record["context_latent_frames"] = context
+        record["init"] = str(cfg.init_video or cfg.init_image)
+    if cfg.save_latents:
+        from safetensors.torch import save_file
+
+        path = out_dir / f"{item.stem}.latents.safetensors"
+        _replace_into(path, lambda tmp: save_file({"latents": torch.cat(latents).contiguous()}, str(tmp)))
+        record["latents"] = path.name
+    return record, {"first_chunk_s": first if first is not None else seconds, "seconds": seconds, "frames": frames}
+
+
 # ---------------------------------------------------------------------------- the whole run
 @dataclass
 class Plan:
@@ -312,6 +512,9 @@ class Plan:
     num_frames: int
     noise: torch.Tensor | None  # [N, F, C, H, W] for all items, or None: the keyed draws
     scored: bool  # toy world and only its prompts: compute the ground-truth metrics
+    streamed: bool = False  # timelines or continuation: each item is a Stream (stream_item)
+    context: torch.Tensor | None = None  # the init frames' latents [1, f, C, h, w], the same for every item
+    settings: StreamSchema | None = None  # stream.*
 
 
 def prepare(cfg: DictConfig, overrides: list[str], device: torch.device) -> Plan:
@@ -325,20 +528,52 @@ def prepare(cfg: DictConfig, overrides: list[str], device: torch.device) -> Plan
     method = method_config(node, rollout_only=True)
     world = instantiate(node.data.world) if node.data.get("world") is not None else None
     per_prompt = node.data.metrics.samples_per_prompt if world is not None and node.data.get("metrics") else 1
-    prompts = read_prompts(cfg.prompts, world, per_prompt)
-    items = make_items(prompts, read_seeds(cfg.seed))
+    timelines = read_timelines(cfg.prompts) if is_timeline(cfg.prompts) else None
+    init = {k: read_frames(cfg[k], k) for k in ("init_video", "init_image") if cfg[k]}
+    if len(init) > 1:
+        raise ValueError("init_video and init_image are both set: continue a video or start from an image, not both")
+    streamed = timelines is not None or bool(init)
+    if streamed and cfg.noise:
+        raise ValueError("noise= is for batch inference; timelines and init_video / init_image draw their noise per item")
+    if cfg.duration is not None and cfg.num_frames is not None:
+        raise ValueError(f"num_frames={cfg.num_frames} and duration={cfg.duration} both set the length: set one")
+    prompts = [t[0][1] for t in timelines] if timelines else read_prompts(cfg.prompts, world, per_prompt)
+    seeds = read_seeds(cfg.seed)
+    items = make_items(prompts, seeds)
+    if timelines:  # timeline i, seed s: its first prompt names the file
+        items = [replace(it, timeline=timelines[it.index // len(seeds)]) for it in items]
     num_frames = cfg.num_frames if cfg.num_frames is not None else method.num_training_frames
-    check_num_frames(num_frames, method, backbone_config(node))
-    shape = (len(items), num_frames, *node.model.latent_shape)
-    noise = read_noise(cfg.noise, shape) if cfg.noise else None
+    if cfg.duration is None:  # else known once the VAE is built (its frames per latent frame)
+        if not streamed:
+            check_num_frames(num_frames, method, backbone_config(node))
+        noise = read_noise(cfg.noise, (len(items), num_frames, *node.model.latent_shape)) if cfg.noise else None
     student = build_student(node, method, source, device, world, cfg.speed)
+    if cfg.duration is not None:
+        num_frames = frames_for_duration(cfg.duration, cfg.fps, method.pattern, student.vae.temporal_compression)
+        if not streamed:
+            check_num_frames(num_frames, method, backbone_config(node))
+        noise = read_noise(cfg.noise, (len(items), num_frames, *node.model.latent_shape)) if cfg.noise else None
     if hasattr(student.text_encoder, "check_prompts"):  # bad or over-long prompts named now, not after some videos
-        student.text_encoder.check_prompts(prompts)
-    scored = student.match_rule is not None
+        student.text_encoder.check_prompts([p for t in timelines for _, p in t] if timelines else prompts)
+    scored = student.match_rule is not None and not streamed
     if scored and not {it.prompt for it in items} <= set(world.prompts):
         log0("toy metrics skipped: some prompts are not toy-world prompts", level=logging.WARNING)
         scored = False
-    return Plan(source, student, items, num_frames, noise, scored)
+    if not streamed:
+        return Plan(source, student, items, num_frames, noise, scored)
+    settings = OmegaConf.to_object(cfg.stream) if OmegaConf.is_config(cfg.stream) else cfg.stream
+    pattern = stream_pattern(student, settings)
+    context = context_latents(student, pattern, video=init.get("init_video"), image=init.get("init_image"))
+    context_frames = 0 if context is None else context.shape[1]
+    try:
+        pattern.check_clip(context_frames + num_frames)
+    except ValueError as e:
+        raise ValueError(f"num_frames={num_frames} is impossible for this checkpoint: {e}") from None
+    for it in items:  # every entry placed now: a bad timeline stops before any video
+        place_timeline(it.timeline or ((0.0, it.prompt),), context_frames + num_frames, context_frames, pattern,
+                       student.vae.temporal_compression, cfg.fps, f"prompts={cfg.prompts} (item {it.index})")
+    return Plan(source, student, items, num_frames, None, False, True, context, settings)
+
 
 
 def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] = ()) -> dict:
@@ -366,7 +601,15 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] = ()) -> d
     mine = plan.items[dist.rank :: dist.world_size]  # rank r: items r, r + W, r + 2W, ...
     records, clips, timings = [], [], []
     bar = tqdm(total=len(plan.items), unit="video", disable=not is_main(), dynamic_ncols=True)
-    for b in range(0, len(mine), cfg.batch_size):
+    caches = StreamCaches()  # the streamed items run one after another in one set of caches (and CUDA graphs)
+    for item in mine if plan.streamed else ():
+        rec, timing = stream_item(plan, item, out_dir, cfg, caches)
+        records.append(rec | {"checkpoint": str(plan.source.path), "latent_frames": plan.num_frames})
+        timings.append(timing)
+        bar.update(min(dist.world_size, bar.total - bar.n))
+        bar.set_postfix(first_chunk=f"{timing['first_chunk_s']:.3f}s", refresh=False)
+    caches.release(plan.student)
+    for b in range(0, len(mine) if not plan.streamed else 0, cfg.batch_size):
         batch = mine[b : b + cfg.batch_size]
         noise = plan.noise[[it.index for it in batch]] if plan.noise is not None else None
         latents, pixels, timing = generate(plan.student, batch, plan.num_frames, noise)

@@ -53,6 +53,10 @@ class ChunkGraphs:
         self.fill = None
         self.pool = None
 
+    def forget(self, kv_cache: KVCache) -> None:
+        """Drop the graphs captured against `kv_cache` (a stream that ends while others go on)."""
+        self.graphs = {key: g for key, g in self.graphs.items() if key[4] != id(kv_cache)}
+
     @torch.no_grad()
     def __call__(self, x, timestep, context, *, kv_cache: KVCache | None = None, frame_offset: int = 0,
                  crossattn_cache: CrossAttnCache | None = None) -> torch.Tensor:

@@ -92,15 +92,9 @@ def rollout(
     outputs, grad_mask = [], torch.zeros(num_frames, dtype=torch.bool)
     for chunk, start in enumerate(starts):
         n = pattern.block_length(start)
-        x = noise[:, start : start + n]
-        exit_step = exit_steps[chunk]
         with_grad = grad_from_frame is not None and start >= grad_from_frame
-        for i in range(exit_step):  # steps before the exit: no grad, re-noise to the next step
-            with torch.no_grad():
-                x0 = denoise(x, steps[i], start)
-            x = schedule.add_noise(x0, _randn_like(x0, rng), steps[i + 1])
-        with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
-            x0 = denoise(x, steps[exit_step], start)
+        x0 = denoise_steps(lambda x, t: denoise(x, t, start), noise[:, start : start + n], steps, schedule=schedule,
+                           rng=rng, exit_step=exit_steps[chunk], with_grad=with_grad)
         grad_mask[start : start + n] = with_grad
         outputs.append(x0)
         if on_chunk is not None:
@@ -109,6 +103,20 @@ def rollout(
             write_context(generator, x0, context, start, schedule=schedule, context_noise=context_noise, rng=rng,
                           kv_cache=kv_cache, crossattn_cache=crossattn_cache)
     return Rollout(torch.cat(outputs, dim=1), grad_mask, exit_steps)
+
+
+def denoise_steps(denoise: Callable[[torch.Tensor, float], torch.Tensor], x: torch.Tensor, steps: Sequence[float], *,
+                  schedule: FlowSchedule, rng, exit_step: int | None = None, with_grad: bool = False) -> torch.Tensor:
+    """One chunk through the step list: denoise(x, t) predicts x0, which is re-noised to the next step, until
+    `exit_step` (None: the last step), whose x0 is returned (with grad when `with_grad` and grad is enabled).
+    The loop of `rollout` and of a stream (engine/stream.py), so both draw the same noise in the same order."""
+    exit_step = len(steps) - 1 if exit_step is None else exit_step
+    for i in range(exit_step):  # steps before the exit: no grad, re-noise to the next step
+        with torch.no_grad():
+            x0 = denoise(x, steps[i])
+        x = schedule.add_noise(x0, _randn_like(x0, rng), steps[i + 1])
+    with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
+        return denoise(x, steps[exit_step])
 
 
 def denoise_chunk(generator, x: torch.Tensor, t, context: torch.Tensor, start: int, *, schedule: FlowSchedule,

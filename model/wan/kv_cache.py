@@ -9,15 +9,23 @@ Slots: frame f lives in slot f, except with a local window, where the frames aft
 a ring of `local_attn_size` slots. Attention is a softmax over a *set* of keys, so the order of
 slots does not matter; the ring holds exactly the sink plus the last `local_attn_size` frames up
 to the end of the current chunk, which is the whole-clip block-causal window.
+
+Two operations serve endless streams (engine/stream.py): `rewind` writes the latest frames again (a
+prompt switch's re-cache: while they are rewritten, a chunk attends to the kept sink and the rewritten
+frames only, not to the stale keys still in the ring), and `shift` renumbers the cached frames to lower
+positions, rotating their keys by RoPE, so that positions (and the chunk positions CUDA graphs are
+captured at) stay bounded however long the stream runs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from .attention import CausalPattern
+from .fused import apply_rope
 
 
 @dataclass(frozen=True)
@@ -27,6 +35,7 @@ class ChunkPlan:
     writes: tuple[tuple[int, int, int], ...]  # (slot start, chunk start, length)
     valid: int  # slots [0, valid) hold visible keys once the chunk is written
     others: tuple[tuple[int, int], ...]  # slot ranges in [0, valid) that hold other frames
+    gather: bool = False  # a re-cache (KVCache.rewind): the chunk sees `others` and itself, not all of [0, valid)
 
 
 class KVCache:
@@ -61,6 +70,9 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.end_frame = 0  # frames [0, end_frame) have been written (some may have been evicted)
         self.generation = 0  # counts reset()s: views into the cache taken before one are stale after it
+        self._replay: tuple[int, int] | None = None  # (first, end) frames being written again (rewind)
+        self._sink_keys: torch.Tensor | None = None  # the sink's keys at their first positions (shift)
+        self.shifted = 0  # frames the positions have been lowered by in all (shift)
 
     @classmethod
     def for_model(
@@ -107,6 +119,59 @@ class KVCache:
         """Forget all frames (the memory is reused; stale slots are never read)."""
         self.end_frame = 0
         self.generation += 1
+        self._replay, self._sink_keys, self.shifted = None, None, 0
+
+    def first_held(self) -> int:
+        """The first frame from which on every written frame is still in the cache (the sink aside)."""
+        if not self.pattern.windowed:
+            return 0
+        return max(0, self.end_frame - self.pattern.local_attn_size)
+
+    def rewind(self, frame: int) -> None:
+        """Write frames [frame, end_frame) again, chunk by chunk in order (a prompt switch's re-cache).
+
+        Until they are all written, a chunk attends to the frames before `frame` that the cache keeps
+        for good (the sink with a window, all of them without) and to the rewritten frames up to its
+        own end, not to the old keys of later frames still in their slots: as if the kept frames and
+        the rewritten ones were the whole clip."""
+        if self._replay is not None:
+            raise RuntimeError(f"frames {self._replay} are still being rewritten; finish that first")
+        if not self.first_held() <= frame <= self.end_frame or self.pattern.block_start(frame) != frame:
+            raise ValueError(f"cannot rewind to frame {frame}: the cache holds frames [{self.first_held()}, "
+                             f"{self.end_frame}) (and the sink) and a rewind starts where a block starts")
+        if frame < self.end_frame:
+            self._replay = (frame, self.end_frame)
+            self.end_frame = frame
+
+    def shift(self, frames: int, rope: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Renumber the cached frames f -> f - frames, for chunks that continue at the lowered positions.
+
+        Keys are stored after RoPE, and attention depends on positions only through their differences,
+        so rotating every cached key by the RoPE of -frames leaves what later chunks compute unchanged up
+        to rounding. The ring's keys are rotated in place (each about once in its life); the sink's are
+        rotated from a copy of their first values, so repeated shifts do not pile up rounding on them.
+        `frames` is a multiple of the window, so every frame keeps its slot. rope(p) -> (cos, sin)
+        [1, 1, head_dim / 2]: the rotation of frame position p (the model's RoPE, model/wan/fused.py
+        layout)."""
+        window, sink, t = self.pattern.local_attn_size, self.pattern.sink_size, self.tokens_per_frame
+        if not self.pattern.windowed or frames <= 0 or frames % window:
+            raise ValueError(f"shift by {frames} frames: needs a rolling window and a positive multiple of it ({window})")
+        if self.end_frame - frames - window < sink or self._replay is not None:
+            raise ValueError(f"shift by {frames} frames would move window frames [{self.end_frame - window}, "
+                             f"{self.end_frame}) into the sink's {sink} frames (or a rewind is unfinished)")
+        if sink and self._sink_keys is None:
+            self._sink_keys = self.k[:, :, : sink * t].clone()
+        self.shifted += frames
+        cos, sin = rope(-frames)
+        for layer in range(self.k.shape[0]):  # a frame at a time: no float32 copy of a whole layer's ring
+            for slot in range(sink, sink + window):
+                keys = self.k[layer, :, slot * t : (slot + 1) * t]
+                keys.copy_(apply_rope(keys, cos, sin))
+        if sink:
+            cos, sin = rope(-self.shifted)
+            for layer in range(self.k.shape[0]):
+                self.k[layer, :, : sink * t] = apply_rope(self._sink_keys[layer], cos, sin)
+        self.end_frame -= frames
 
     def _slot(self, frame: int) -> int:
         sink = self.pattern.sink_size
@@ -148,6 +213,8 @@ class KVCache:
                 writes[-1] = (s, c, n + t)
             else:
                 writes.append((slot * t, i * t, t))
+        if self._replay is not None:
+            return self._replay_plan(frame_offset, end, tuple(writes))
         valid = min(end, self.capacity_frames) * t
         others, cursor = [], 0
         for s, _, n in sorted(writes):
@@ -157,6 +224,25 @@ class KVCache:
         if cursor < valid:
             others.append((cursor, valid))
         return ChunkPlan(tuple(writes), valid, tuple(others))
+
+    def _replay_plan(self, frame_offset: int, end: int, writes) -> ChunkPlan:
+        """A chunk of a rewind: it sees the kept frames before the rewind and the rewritten ones up to `end`."""
+        first, last = self._replay
+        if end >= last:
+            self._replay = None
+        kept = min(self.pattern.sink_size, first) if self.pattern.windowed else first
+        own = range(frame_offset, end)
+        visible = [f for f in [*range(kept), *range(first, end)] if f not in own]
+        if self.pattern.windowed:  # the window of the chunk (the rewritten frames lie inside it)
+            visible = [f for f in visible if f >= end - self.pattern.local_attn_size or f < self.pattern.sink_size]
+        t, others = self.tokens_per_frame, []
+        for slot in sorted(self._slot(f) for f in visible):  # merge into runs of slots
+            if others and others[-1][1] == slot * t:
+                others[-1] = (others[-1][0], (slot + 1) * t)
+            else:
+                others.append((slot * t, (slot + 1) * t))
+        valid = max([b for _, b in others] + [s + n for s, _, n in writes])
+        return ChunkPlan(writes, valid, tuple(others), gather=True)
 
     def past(self, layer: int, plan: ChunkPlan, view: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached keys/values of the frames other than the chunk's own, as new tensors; view=True:
@@ -178,7 +264,7 @@ def attend_cached(ck: torch.Tensor, cv: torch.Tensor, plan: ChunkPlan, k, v, pas
         for slot, start, n in plan.writes:
             ck[:, slot : slot + n] = k[:, start : start + n].detach()
             cv[:, slot : slot + n] = v[:, start : start + n].detach()
-    if write and past is None and not (k.requires_grad or v.requires_grad):
+    if write and past is None and not (k.requires_grad or v.requires_grad or plan.gather):
         return ck[:, : plan.valid], cv[:, : plan.valid]
     past_k, past_v = past if past is not None else cached_past(ck, cv, plan)
     return torch.cat((past_k, k), dim=1), torch.cat((past_v, v), dim=1)
