@@ -74,6 +74,11 @@ def write_all(out_dir: Path, cfg, plans: list, rows: list, scorers, device, wall
     plot_drift(out_dir / "drift.png", metrics, rows)
     wall["total_s"] = time.perf_counter() - start
     (out_dir / "index.html").write_text(page(metrics), encoding="utf-8")
+    bad: list[str] = []
+    metrics = finite(metrics, "", bad)
+    if bad:  # JSON has no NaN; a non-finite score (a model that output NaN) is null, and said so
+        log0("metrics.json: %d values are not finite and are written as null: %s", len(bad),
+             ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else ""), level=logging.WARNING)
     tmp = out_dir / ".metrics.partial.json"
     tmp.write_text(json.dumps(metrics, indent=2, ensure_ascii=False, allow_nan=False))
     os.replace(tmp, out_dir / "metrics.json")
@@ -81,6 +86,18 @@ def write_all(out_dir: Path, cfg, plans: list, rows: list, scorers, device, wall
         log0("%s: %s", name, ", ".join(f"{k} {v:.4g}" for k, v in mean.items()))
     log0("evaluation -> %s (index.html, metrics.json)", out_dir)
     return metrics | {"output_dir": str(out_dir)}
+
+
+def finite(value, path: str, bad: list):
+    """`value` with every NaN / inf float replaced by None; their key paths appended to `bad`."""
+    if isinstance(value, dict):
+        return {k: finite(v, f"{path}.{k}" if path else str(k), bad) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v, f"{path}[{i}]", bad) for i, v in enumerate(value)]
+    if isinstance(value, float) and not math.isfinite(value):
+        bad.append(path)
+        return None
+    return value
 
 
 def mean_scores(row) -> dict:

@@ -250,3 +250,11 @@ def test_bench_script_at_tiny_size(tmp_path):
     assert list(metrics["models"]) == ["teacher", "student"] and len(metrics["items"]) == 3
     assert metrics["clip"]["backend"] == "transformers" and "vbench" not in metrics["skipped"]
     assert len(bench_evaluate.prompts(16)) == len(set(bench_evaluate.prompts(16))) == 16
+
+
+def test_non_finite_values_are_null_in_metrics_json():
+    from engine.evaluate_outputs import finite
+
+    bad = []
+    assert finite({"a": [1.0, float("nan")], "b": {"c": float("inf"), "d": "x"}}, "", bad) == {"a": [1.0, None], "b": {"c": None, "d": "x"}}
+    assert bad == ["a[1]", "b.c"]
