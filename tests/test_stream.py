@@ -399,3 +399,18 @@ def test_inference_stream_input_errors_are_one_line_and_write_nothing(toy_export
             inference.run(compose_inference(f"checkpoint={toy_export}", "prompts=[a red circle moving left]", *overrides),
                           tmp_path / "out")
         assert "\n" not in str(err.value) and not (tmp_path / "out").exists(), overrides
+
+
+def test_bench_stream_cpu_path(tmp_path):
+    """scripts/bench_stream.py at tiny size: per-chunk rows, switches with a re-cache, the warm-up mark, json and png."""
+    from scripts import bench_stream
+
+    out = tmp_path / "bench"
+    result = bench_stream.main(["--tiny", "--device", "cpu", "--dtype", "float32", "--seconds", "4", "--switch-every", "1.5",
+                                "--window", "4", "--block", "2", "--out", str(out)])
+    assert result["frames"] >= 64 and result["chunks"] == len(result["rows"]) == 9 and result["fps"] > 0
+    # chunk k ends at (4 + 8k) / 16 s: switches asked after chunks 3 and 6 (1.75 s, 3.25 s) land on chunks 4 and 7
+    assert [s["latent_frame"] for s in result["switches"]] == [8, 14] and result["switches"][0]["recache"]
+    assert [i for i, r in enumerate(result["rows"]) if r["switched"]] == [4, 7] and not result["stopped_by_max_wall"]
+    assert result["warm_up_chunks"] == 5 and result["fps_after_warm_up"] > 0  # from the first renumbering (frame 8)
+    assert json.loads(out.with_suffix(".json").read_text())["chunks"] == 9 and out.with_suffix(".png").stat().st_size > 0
