@@ -292,7 +292,9 @@ def teacher_row(cfg: DictConfig, teacher, plan: Plan, scorers: Scorers, bar, dev
 
 
 def student_row(name: str, cfg: DictConfig, plan: Plan, scorers: Scorers, bar, device, teacher: Row | None) -> Row:
-    row = Row(name, {"checkpoint": str(plan.source.path), "weights": plan.source.weights})
+    trained = plan.student.cfg.num_training_frames
+    row = Row(name, {"checkpoint": str(plan.source.path), "weights": plan.source.weights, "training_frames": trained,
+                     "training_pixel_frames": 1 + plan.student.vae.temporal_compression * (trained - 1)})
     timings = []
     for batch in batches(plan.items, cfg.batch_size):
         _, pixels, timing = generate(plan.student, batch, plan.num_frames)

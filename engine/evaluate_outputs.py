@@ -41,11 +41,7 @@ def write_all(out_dir: Path, cfg, plans: list, rows: list, scorers, device, wall
     """Every output file; returns metrics.json's content. `wall`: seconds by phase so far, `start`: the run's
     perf_counter at its start (the total includes this writing)."""
     items, first = plans[0].items, plans[0]
-    tc = first.student.vae.temporal_compression
-    pixel_frames = 1 + tc * (first.num_frames - 1)
-    for row, plan in zip([r for r in rows if r.name != "teacher"], plans):
-        row.info["training_frames"] = plan.student.cfg.num_training_frames
-        row.info["training_pixel_frames"] = 1 + tc * (plan.student.cfg.num_training_frames - 1)
+    pixel_frames = 1 + first.student.vae.temporal_compression * (first.num_frames - 1)
     skipped = dict(scorers.skipped)
     mark = time.perf_counter()
     files = write_videos(out_dir, cfg, items, rows)
