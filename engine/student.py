@@ -33,7 +33,7 @@ from model.wan.transformer import WanDiT
 from model.wan.weights import SELF_FORCING_KEYS, load_strict, read_state_dict
 from pipeline.cuda_graphs import ChunkGraphs
 from engine.build import DTYPES, backbone_config
-from engine.config import relative_hint
+from engine.config import method_class, relative_hint
 from engine.lora import ADAPTER_WEIGHTS, add_adapters, load_adapter, lora_spec
 from utils.checkpoint import CheckpointManager, find_checkpoint
 from utils.speed import SpeedSchema, apply_levers, resolve_levers
@@ -283,7 +283,9 @@ def build_student(node: DictConfig, method: MethodConfig, source: Source, device
                   speed=None) -> Student:
     check_targets(node, source.config_origin)  # also when called without run_config
     m = node.model
-    generator = WanDiT(**backbone_config(node))
+    # the network the method exports (a WanDiT; DCM's holds its two experts), its weights loaded strictly below
+    method_node = OmegaConf.to_container(node.method, resolve=True)
+    generator = method_class(node).inference_generator(backbone_config(node), method_node)
     if source.step_dir is not None:  # the raw generator from the DCP resume state
         lora = lora_spec(node, "generator") if "lora" in m else None
         tuner = add_adapters(generator, lora, "generator") if lora is not None else None  # its state has them

@@ -56,9 +56,43 @@ class Optimized:
         return [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
 
 
-def updates_of(cfg: DictConfig, phases: tuple[Phase, ...], network: str) -> int:
-    """Optimizer updates of `network` in a run: one per step of every phase that updates it."""
-    return sum(math.ceil(cfg.max_steps / p.period(cfg)) for p in phases if network in p.updates)
+def updates_of(cfg: DictConfig, phases: tuple[Phase, ...], network: str, method=None) -> int:
+    """Optimizer updates of `network` in a run: one per step of every phase that updates it (with `method`, only
+    the steps its phases' `when` allows; without, a phase with a `when` counts every step of its period)."""
+    total = 0
+    for p in phases:
+        if network in p.updates:
+            period = p.period(cfg)
+            if p.when is None or method is None:
+                total += math.ceil(cfg.max_steps / period)
+            else:
+                total += sum(p.runs_at(method, s, period) for s in range(0, cfg.max_steps, period))
+    return total
+
+
+@torch.no_grad()
+def allocate_state(optimizer: torch.optim.Optimizer) -> None:
+    """Every parameter's optimizer state now, as it is before its first update (AdamW: step 0, zero moments):
+    its own step with zero gradients and learning rate 0, the step counts set back to 0. A checkpoint then holds
+    the state of every trained parameter, also of one no update has reached yet (DCM's detail expert in its
+    semantic stage), so a resumed run's fresh optimizer loads the same entries the saving run wrote."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if optimizer.state or not params:
+        return
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    rates = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, rates):
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"].zero_()
+        elif "step" in state:
+            state["step"] = 0
 
 
 class DataSources:
@@ -184,13 +218,15 @@ class Trainer:
             if spec.trained:
                 net = getattr(method, spec.attr)
                 opt_cfg = optim_config(cfg, name)
-                optimizer, scheduler = build_optimizer(net.parameters(), opt_cfg, updates_of(cfg, self.phases, name))
+                optimizer, scheduler = build_optimizer(net.parameters(), opt_cfg, updates_of(cfg, self.phases, name, method))
+                allocate_state(optimizer)
                 self.optimized[name] = Optimized(net, optimizer, scheduler, opt_cfg)
         self.emas: dict[str, EMA] = {}
         if cfg.ema_weight > 0:
             for name, spec in networks.items():
                 if spec.ema:
                     self.emas[name] = EMA(getattr(method, spec.attr), cfg.ema_weight, cfg.ema_start_step)
+        method.emas = self.emas  # a loss may evaluate an EMA copy (model/base.py)
         self.state: dict = {name: o.net for name, o in self.optimized.items()}
         self.state.update({name: getattr(method, spec.attr) for name, spec in networks.items() if spec.state})
         for name, o in self.optimized.items():
@@ -279,7 +315,8 @@ class Trainer:
         else:  # rank 0 gets them, on the CPU; of a LoRA generator the adapters only (the base is frozen)
             options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora is not None)
             weights = get_model_state_dict(generator, options=options)
-        lora_parts = {}
+        lora_parts = self.method.export_parts(weights)  # a method's own parts (DCM's detail LoRA); {} by default
+        weights = weights | lora_parts.pop("weights", {})
         if lora is not None:
             lora_parts = {"adapter": adapter_weights(generator, weights), "adapter_config": adapter_config(lora)}
             trained, weights = weights, {}
@@ -306,7 +343,7 @@ class Trainer:
         """Every phase due at this step, in declaration order; each network's EMA after its update."""
         logs: dict[str, float] = {}
         for phase in self.phases:
-            if step % self.periods[phase.name] == 0:
+            if phase.runs_at(self.method, step, self.periods[phase.name]):
                 logs.update(run_phase(self.method, phase, self.optimized, self.data, step, self.cfg.seed, self.dist,
                                       self.accumulation))
                 for name in phase.updates:

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from model.contract import Network, Phase, check_contract
-from model.schedule import FlowSchedule
+from model.schedule import RENOISE, FlowSchedule
 from model.wan.attention import CausalPattern
+from model.wan.transformer import WanDiT
 from pipeline.rollout import chunk_starts, draw_exit_steps, rollout
 from utils.distributed import broadcast_object
 from utils.sample_rng import SampleRNG, mix_seed
@@ -52,6 +53,9 @@ class MethodConfig:
     negative_prompt: str = ""  # the unconditional branch of CFG
     ode_steps: int = 48  # Euler steps of the teacher's ODE trajectories (ODE regression / warm start)
     ode_guidance_scale: float = 1.0  # CFG of that ODE, Wan's convention: uncond + g (cond - uncond)
+    # between steps the x0 prediction is re-noised with fresh noise (Self Forcing's sampler) or, "implied", with the
+    # noise it implies: deterministic Euler / DDIM steps, for students trained to jump along the ODE (DCM)
+    renoise: str = "fresh"
 
     def __post_init__(self):
         if self.min_num_frames is None:
@@ -63,6 +67,8 @@ class MethodConfig:
                 f"need num_training_frames <= min_num_frames <= max_num_frames, got {self.num_training_frames}, "
                 f"{self.min_num_frames}, {self.max_num_frames}"
             )
+        if self.renoise not in RENOISE:
+            raise ValueError(f"method.renoise={self.renoise!r}: expected one of {RENOISE}")
         if not 0 <= self.min_step_ratio < self.max_step_ratio <= 1:
             raise ValueError(f"need 0 <= min_step_ratio < max_step_ratio <= 1, got {self.min_step_ratio}, {self.max_step_ratio}")
 
@@ -82,7 +88,7 @@ class RolloutParts:
     def init_rollout(self, cfg: MethodConfig, latent_shape) -> None:
         self.cfg = cfg
         self.latent_shape = tuple(latent_shape)  # (C, H, W) of one latent frame
-        self.schedule = FlowSchedule(cfg.timestep_shift)
+        self.schedule = FlowSchedule(cfg.timestep_shift, renoise=cfg.renoise)
         self.steps = self.schedule.denoising_steps(cfg.denoising_step_list, cfg.warp_denoising_step)
         self.pattern = cfg.pattern
 
@@ -135,6 +141,23 @@ class SelfForcingModel(torch.nn.Module, RolloutParts):
         self.rng: SampleRNG | None = None  # device draws, one stream per sample; set by reseed()
         self.host_rng = random.Random(0)  # host choices (exit steps, rollout length), agreed across ranks
         self._negative: torch.Tensor | None = None
+        # The engine's EMAs by network name (engine/trainer.py sets them): a loss that evaluates an EMA copy of a
+        # network (DCM's consistency target) swaps it in with `self.emas[name].applied_to(net)`.
+        self.emas: dict = {}
+
+    @classmethod
+    def inference_generator(cls, backbone: dict, method: dict) -> WanDiT:
+        """The network inference builds for this method's exported generator, before loading its weights
+        strictly (engine/student.py): a WanDiT of the backbone config; a method whose generator holds more
+        (DCM's two experts) builds that. method: the export's method node."""
+        return WanDiT(**backbone)
+
+    def export_parts(self, weights: dict[str, torch.Tensor]) -> dict:
+        """What a method adds to the export of the generator's weights (engine/trainer.py; called on every rank):
+        {} by default; "weights": more tensors of model.safetensors (DCM: an expert that did not train, so is
+        not in the EMA), "adapter" / "adapter_config": a peft adapter file beside it (DCM's detail LoRA).
+        weights: the exported state dict on the main rank, {} on the others."""
+        return {}
 
     def reseed(self, seed: int, step: int, phase: str, sample_ids: list[int]) -> None:
         """Seed the draws of one (micro-)batch.
@@ -191,10 +214,11 @@ class SelfForcingModel(torch.nn.Module, RolloutParts):
         t_to = 0 if k == len(self.steps) - 1 else self.schedule.unwarped_index(self.steps[k + 1])
         return t_from, t_to
 
-    def block_step_index(self, batch: int, num_frames: int) -> torch.Tensor:
-        """[B, F] long: a random index into the step list per sample and block (same within a block)."""
+    def block_step_index(self, batch: int, num_frames: int, low: int = 0, high: int | None = None) -> torch.Tensor:
+        """[B, F] long: a random index in [low, high) per sample and block (same within a block); by default
+        into the step list."""
         starts = chunk_starts(self.pattern, num_frames)
-        index = self.rng.randint(0, len(self.steps), (batch, len(starts)))
+        index = self.rng.randint(low, len(self.steps) if high is None else high, (batch, len(starts)))
         lengths = torch.tensor([self.pattern.block_length(s) for s in starts], device=index.device)
         return index.repeat_interleave(lengths, dim=1)
 

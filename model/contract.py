@@ -54,6 +54,9 @@ class Phase:
     # and ranks and hands the totals to each loss call as batch["totals"]. With one micro-batch the loss
     # gets no totals and all-reduces its own.
     prepass: str | None = None
+    # A phase that runs only at some steps (DCM's detail stage, after its semantic stage): the method's function
+    # when(step) -> bool; the phase runs at steps where step % every == 0 and when(step). None: wherever every says.
+    when: str | None = None
 
     def period(self, cfg) -> int:
         every = cfg[self.every] if isinstance(self.every, str) else self.every
@@ -61,6 +64,10 @@ class Phase:
             key = self.every if isinstance(self.every, str) else f"the {self.name} phase's every"
             raise ValueError(f"{key} must be >= 1, got {every}")
         return int(every)
+
+    def runs_at(self, method, step: int, period: int) -> bool:
+        """Whether the phase runs at `step`: `period` (its every) divides the step and its `when`, if any, allows it."""
+        return step % period == 0 and (self.when is None or bool(getattr(method, self.when)(step)))
 
 
 def check_contract(cls) -> None:
@@ -81,7 +88,7 @@ def check_contract(cls) -> None:
         if p.name in seen:
             raise ValueError(f"{name}: two phases are named {p.name!r}")
         seen.add(p.name)
-        for fn in (p.loss, p.prepass):
+        for fn in (p.loss, p.prepass, p.when):
             if fn is not None and not callable(getattr(cls, fn, None)):
                 raise ValueError(f"{name}: phase {p.name!r} calls {fn!r}, which {name} does not define")
         bad = [u for u in p.updates if u not in nets or not nets[u].trained]

@@ -23,12 +23,22 @@ def unshift_time(s, shift: float):
     return s / (shift - (shift - 1) * s)
 
 
+RENOISE = ("fresh", "implied")  # how a few-step sampler goes from one step's x0 prediction to the next step
+
+
 class FlowSchedule:
-    def __init__(self, shift: float = 5.0, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS):
+    """renoise: how the few-step sampler (pipeline/rollout.py) re-noises an x0 prediction to the next step:
+    "fresh" with new noise (Self Forcing's consistency sampler), "implied" with the noise the state and the
+    prediction imply (deterministic: DDIM, i.e. an Euler step of the flow; phased consistency models, DCM)."""
+
+    def __init__(self, shift: float = 5.0, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, renoise: str = "fresh"):
         if shift <= 0:
             raise ValueError(f"timestep shift must be > 0, got {shift}")
+        if renoise not in RENOISE:
+            raise ValueError(f"renoise={renoise!r}: expected one of {RENOISE}")
         self.shift = shift
         self.num_train_timesteps = num_train_timesteps
+        self.renoise = renoise
 
     # ---------------------------------------------------------------- steps
     def warp(self, steps: Sequence[float]) -> list[float]:
@@ -61,6 +71,15 @@ class FlowSchedule:
         """x_t for a float t or a per-frame tensor t of shape [B, F] (x: [B, F, C, H, W])."""
         s = self._broadcast(self.sigma(t), x0)
         return (1 - s) * x0 + s * noise
+
+    def next_state(self, x_t: torch.Tensor, x0: torch.Tensor, t, t_next, fresh_noise) -> torch.Tensor:
+        """The state at t_next after the prediction x0 at state x_t, timestep t: x0 re-noised with
+        `fresh_noise()`, or (renoise="implied") with eps = (x_t - (1 - s) x0) / s, which makes the step
+        x_t + (s_next - s) v exactly: Euler on the predicted flow v = (x_t - x0) / s. t, t_next: floats or [B, F]."""
+        if self.renoise == "fresh":
+            return self.add_noise(x0, fresh_noise(), t_next)
+        s = self._broadcast(self.sigma(t), x0)
+        return self.add_noise(x0, (x_t - (1 - s) * x0) / s, t_next)
 
     def x0_from_flow(self, x_t: torch.Tensor, flow: torch.Tensor, t) -> torch.Tensor:
         """x0 = x_t - s v, computed in float64 (as the reference does) and returned in x_t's dtype."""

@@ -109,12 +109,13 @@ def denoise_steps(denoise: Callable[[torch.Tensor, float], torch.Tensor], x: tor
                   schedule: FlowSchedule, rng, exit_step: int | None = None, with_grad: bool = False) -> torch.Tensor:
     """One chunk through the step list: denoise(x, t) predicts x0, which is re-noised to the next step, until
     `exit_step` (None: the last step), whose x0 is returned (with grad when `with_grad` and grad is enabled).
-    The loop of `rollout` and of a stream (engine/stream.py), so both draw the same noise in the same order."""
+    The loop of `rollout` and of a stream (engine/stream.py), so both draw the same noise in the same order.
+    The re-noising is the schedule's (model/schedule.py next_state): fresh noise, or the noise x and x0 imply."""
     exit_step = len(steps) - 1 if exit_step is None else exit_step
     for i in range(exit_step):  # steps before the exit: no grad, re-noise to the next step
         with torch.no_grad():
             x0 = denoise(x, steps[i])
-        x = schedule.add_noise(x0, _randn_like(x0, rng), steps[i + 1])
+        x = schedule.next_state(x, x0, steps[i], steps[i + 1], lambda: _randn_like(x0, rng))
     with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
         return denoise(x, steps[exit_step])
 

@@ -61,10 +61,12 @@ class EMA:
                     self._dtensor_meta[name] = (p.device_mesh, p.placements, p.shape, p.stride())
 
     def _params(self, model: nn.Module) -> list[torch.Tensor]:
-        params = dict(named_params(model))
-        if params.keys() != self.shadow.keys():
-            missing = sorted(self.shadow.keys() - params.keys())[:5]
-            extra = sorted(params.keys() - self.shadow.keys())[:5]
+        # By name among all parameters: a method may freeze some of those it trained when the EMA was built
+        # (DCM's detail stage freezes the semantic expert); they stay averaged (they no longer change).
+        params = {clean_name(name): p for name, p in model.named_parameters()}
+        missing = sorted(self.shadow.keys() - params.keys())[:5]
+        extra = sorted(k for k, p in params.items() if p.requires_grad and k not in self.shadow)[:5]
+        if missing or extra:
             raise KeyError(f"model parameters do not match the EMA: missing {missing}, unexpected {extra}")
         locals_ = [_local(params[name]) for name in self.shadow]
         for name, t in zip(self.shadow, locals_):
