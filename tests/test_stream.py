@@ -11,25 +11,19 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import engine.inference as inference
-from engine.build import backbone_config
 from engine.inference import Item, Student, generate
 from engine.stream import Stream, StreamSchema, context_frames, shift_threshold
-from model.base import MethodConfig
 from model.wan.attention import CausalPattern
 from model.wan.fused import apply_rope
 from model.wan.kv_cache import CrossAttnCache, KVCache
-from model.wan.text_encoder import WanTextEncoder
-from model.wan.transformer import WanDiT
-from model.wan.vae import WanVAE
 from pipeline.rollout import write_context
+import tests.test_speed as test_speed  # a module, not its names: pytest would collect its tests here again
 from tests.test_inference import compose_inference
-from tests.train_setup import compose_config
+from tests.test_inference_safety import export  # noqa: F401  (a fixture: a toy export with random weights)
 from tests.wan_folder import TRANSFORMER, tiny_wan_folder  # noqa: F401  (a fixture)
-from tests.wan_tiny import randomize
 from utils.video import to_uint8
 
 P, Q = "a red car moving left", "the dog in the forest at sunset"
@@ -47,12 +41,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def student(tiny_wan_folder) -> Student:
     """Blocks of 2 latent frames, trained on 4 (the default window), 2 steps; 64 x 64 pixels, 8 x 8 latents."""
-    torch.manual_seed(0)
-    generator = randomize(WanDiT(**TRANSFORMER), seed=3).eval().requires_grad_(False)
-    vae = WanVAE(str(tiny_wan_folder), dtype="float32")
-    text = WanTextEncoder(str(tiny_wan_folder), text_len=8, dtype="float32").eval()
-    cfg = MethodConfig(num_frame_per_block=2, num_training_frames=4, denoising_step_list=[1000, 500])
-    return Student(generator, text, vae, cfg, (4, 8, 8))
+    return variant(test_speed.student(tiny_wan_folder), denoising_step_list=[1000, 500])
 
 
 def variant(student: Student, **cfg) -> Student:
@@ -313,21 +302,6 @@ def test_timeline_entries_are_placed_at_chunk_starts():
     assert inference.frames_for_duration(5.0, 16, pattern, 4) == 21 and inference.frames_for_duration(5.1, 16, pattern, 4) == 24
 
 
-@pytest.fixture(scope="module")
-def toy_export(tmp_path_factory) -> Path:
-    """A toy-world export with random weights (blocks of 2, trained on 6 frames: window 6, 8 x 8 pixels)."""
-    cfg = compose_config()
-    config = {"backbone": backbone_config(cfg), "method": OmegaConf.to_container(cfg.method, resolve=True),
-              "model": OmegaConf.to_container(cfg.model, resolve=False),
-              "data": OmegaConf.to_container(cfg.data, resolve=False), "weights": "ema"}
-    folder = tmp_path_factory.mktemp("export")
-    torch.manual_seed(0)
-    save_file({k: torch.randn_like(v) * 0.1 for k, v in WanDiT(**config["backbone"]).state_dict().items()},
-              str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder / "model.safetensors"
-
-
 def infer(out: Path, export: Path, *overrides: str) -> tuple[dict, torch.Tensor]:
     index = inference.run(compose_inference(f"checkpoint={export}", "save_latents=true", *overrides), out)
     return index, torch.stack([load_file(str(out / i["latents"]))["latents"] for i in index["items"]])
@@ -337,42 +311,42 @@ def video_frames(path: Path) -> np.ndarray:
     return iio.imread(path, index=None, plugin="FFMPEG")
 
 
-def test_inference_timelines_give_one_video_each(toy_export, tmp_path):
+def test_inference_timelines_give_one_video_each(export, tmp_path):
     red, blue = "a red circle moving left", "a blue square moving up"
-    plain, plain_latents = infer(tmp_path / "plain", toy_export, f"prompts=[{red}, {red}]", "num_frames=12",
+    plain, plain_latents = infer(tmp_path / "plain", export, f"prompts=[{red}, {red}]", "num_frames=12",
                                  "batch_size=1")  # a stream is a batch of one: the same GEMMs
     path = write(tmp_path / "t.yaml", f"- [{{start: 0, prompt: {red}}}]\n"
                                       f"- [{{start: 0, prompt: {red}}}, {{start: 0.3, prompt: {blue}}}]\n")
-    index, latents = infer(tmp_path / "t", toy_export, f"prompts={path}", "num_frames=12", "stream.recache=false")
+    index, latents = infer(tmp_path / "t", export, f"prompts={path}", "num_frames=12", "stream.recache=false")
     assert torch.equal(latents[0], plain_latents[0])  # a one-entry timeline is the prompt's video (item 0's noise)
     assert torch.equal(latents[1, :6], plain_latents[1, :6])  # item 1's: the switch at 0.3 s takes over at frame 6
     assert (latents[1, 6:] - plain_latents[1, 6:]).abs().amax(dim=(1, 2, 3)).min() > 1e-3
     assert index["items"][1]["timeline"][1] == {"start": 0.3, "prompt": blue, "latent_frame": 6, "time": 0.375}
     assert [i["file"] for i in index["items"]] == [f"000{i}_a-red-circle-moving-left_seed0.mp4" for i in (0, 1)]
     assert video_frames(tmp_path / "t" / index["items"][1]["file"]).shape[0] == 12
-    long, long_latents = infer(tmp_path / "long", toy_export, f"prompts={path}", "duration=1.5", "seed=[1]")
+    long, long_latents = infer(tmp_path / "long", export, f"prompts={path}", "duration=1.5", "seed=[1]")
     assert long["num_frames"] == 24 and long_latents.shape[1] == 24 and long["items"][1]["seed"] == 1
 
 
-def test_inference_continues_a_video_and_an_image(toy_export, tmp_path):
+def test_inference_continues_a_video_and_an_image(export, tmp_path):
     gen = torch.Generator().manual_seed(0)
     clip = ((torch.rand(7, 8, 8, 3, generator=gen) * 255).round().to(torch.uint8)).numpy()
     iio.imwrite(tmp_path / "clip.png", clip[0])
     iio.imwrite(tmp_path / "clip.mp4", clip, plugin="FFMPEG", fps=16, codec="libx264", macro_block_size=8)
     given = inference.read_frames(str(tmp_path / "clip.mp4"), "init_video")  # H.264 is lossy: what inference reads
     assert given.shape == (7, 3, 8, 8) and given.min() >= -1 and given.max() <= 1
-    index, latents = infer(tmp_path / "v", toy_export, "prompts=[a red circle moving left]", "num_frames=4",
+    index, latents = infer(tmp_path / "v", export, "prompts=[a red circle moving left]", "num_frames=4",
                            f"init_video={tmp_path / 'clip.mp4'}")
     assert index["items"][0]["context_latent_frames"] == 6 and latents.shape[1] == 10  # the last 6 frames, 3 blocks
     assert torch.equal(latents[0, :6], given[1:])  # the identity VAE: the context latents are the frames
     assert video_frames(tmp_path / "v" / index["items"][0]["file"]).shape[0] == 10
-    image, image_latents = infer(tmp_path / "i", toy_export, "prompts=[a red circle moving left]", "num_frames=4",
+    image, image_latents = infer(tmp_path / "i", export, "prompts=[a red circle moving left]", "num_frames=4",
                                  f"init_image={tmp_path / 'clip.png'}")
     first = torch.from_numpy(clip[0]).permute(2, 0, 1).float() / 127.5 - 1
     assert torch.equal(image_latents[0, :2], first.expand(2, -1, -1, -1)) and image_latents.shape[1] == 6
 
 
-def test_inference_stream_input_errors_are_one_line_and_write_nothing(toy_export, tmp_path):
+def test_inference_stream_input_errors_are_one_line_and_write_nothing(export, tmp_path):
     empty = write(tmp_path / "empty.yaml", "[]\n")
     unsorted = write(tmp_path / "unsorted.yaml", "- {start: 0, prompt: a red circle moving left}\n"
                                                  "- {start: 0.5, prompt: a red circle moving up}\n"
@@ -396,7 +370,7 @@ def test_inference_stream_input_errors_are_one_line_and_write_nothing(toy_export
              ([f"prompts={late}", "stream.window=5"], ValueError, "stream.window=5 must be a positive multiple")]
     for overrides, error, message in cases:
         with pytest.raises(error, match=message) as err:
-            inference.run(compose_inference(f"checkpoint={toy_export}", "prompts=[a red circle moving left]", *overrides),
+            inference.run(compose_inference(f"checkpoint={export}", "prompts=[a red circle moving left]", *overrides),
                           tmp_path / "out")
         assert "\n" not in str(err.value) and not (tmp_path / "out").exists(), overrides
 
