@@ -90,6 +90,7 @@ class EvaluateSchema:
     output_dir: Optional[str] = None
     overwrite: bool = False
     fps: int = 16
+    videos: bool = True
     device: str = "auto"
     teacher: TeacherSchema = field(default_factory=TeacherSchema)
     clip: ClipSchema = field(default_factory=ClipSchema)
@@ -172,6 +173,12 @@ def check_settings(cfg: DictConfig) -> None:
                           ("clip.batch", cfg.clip.batch >= 1, ">= 1")):
         if not ok:
             raise ValueError(f"{key} must be {want}, got {OmegaConf.select(cfg, key)}")
+    if cfg.videos:
+        try:
+            import imageio_ffmpeg  # noqa: F401  (imageio's mp4 writer)
+        except ImportError:
+            raise ValueError("videos=true writes mp4 files through imageio-ffmpeg, which is not installed: "
+                             "pip install imageio-ffmpeg, or pass videos=false for the scores alone") from None
     unknown = [d for d in cfg.vbench.dimensions if d not in vm.VBENCH_WEIGHTS]
     if unknown:
         raise ValueError(f"vbench.dimensions has {unknown}; the dimensions that take any prompt are {list(vm.VBENCH_WEIGHTS)}")

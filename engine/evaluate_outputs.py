@@ -7,6 +7,8 @@
     <out>/metrics.json                               per-prompt and mean scores, speed, what was skipped and why
     <out>/index.html                                 a page with the side-by-side videos and the tables
 
+With videos=false only the scores are written (metrics.json, drift.png, index.html without players).
+
 metrics.json is written last: a folder holding it is complete.
 """
 
@@ -43,13 +45,17 @@ def write_all(out_dir: Path, cfg, plans: list, rows: list, scorers, device, wall
     items, first = plans[0].items, plans[0]
     pixel_frames = 1 + first.student.vae.temporal_compression * (first.num_frames - 1)
     skipped = dict(scorers.skipped)
-    mark = time.perf_counter()
-    files = write_videos(out_dir, cfg, items, rows)
-    wall["write_videos_s"] = time.perf_counter() - mark
-    mark = time.perf_counter()
-    vbench = run_vbench(out_dir, cfg, items, rows, files, skipped, device)
-    if vbench:
-        wall["vbench_s"] = time.perf_counter() - mark
+    vbench, files = {}, None
+    if cfg.videos:
+        mark = time.perf_counter()
+        files = write_videos(out_dir, cfg, items, rows)
+        wall["write_videos_s"] = time.perf_counter() - mark
+        mark = time.perf_counter()
+        vbench = run_vbench(out_dir, cfg, items, rows, files, skipped, device)
+        if vbench:
+            wall["vbench_s"] = time.perf_counter() - mark
+    elif cfg.vbench.dimensions:
+        skipped["vbench"] = "VBench skipped: videos=false (it scores the mp4 files)"
     metrics = {
         "prompts": list(dict.fromkeys(it.prompt for it in items)),
         "seeds": list(dict.fromkeys(it.seed for it in items)),
@@ -59,8 +65,9 @@ def write_all(out_dir: Path, cfg, plans: list, rows: list, scorers, device, wall
         "mean": {r.name: mean_scores(r) | vbench.get(r.name, {}) for r in rows},
         "speed": {r.name: r.speed for r in rows},
         "wall": wall,
-        "items": [{"index": it.index, "prompt": it.prompt, "seed": it.seed, "side_by_side": files["side_by_side"][i],
-                   "videos": {r.name: files[r.name][i] for r in rows},
+        "items": [{"index": it.index, "prompt": it.prompt, "seed": it.seed,
+                   "side_by_side": files["side_by_side"][i] if files else None,
+                   "videos": {r.name: files[r.name][i] for r in rows} if files else None,
                    "scores": {r.name: r.scores[i] for r in rows}} for i, it in enumerate(items)],
         "per_frame": {r.name: {k: vm.mean_curves([c[k] for c in r.curves]) for k in r.curves[0]} for r in rows},
         "clip": {"weights": cfg.clip.weights, "frames": cfg.clip.frames,
@@ -198,8 +205,10 @@ def page(m: dict) -> str:
     for it in m["items"]:
         scores = [k for k in SCORES if any(k in s for s in it["scores"].values())]
         table = _table(["model", *scores], [[n, *[it["scores"][n].get(k) for k in scores]] for n in names])
+        video = (f'<video src="{html.escape(it["side_by_side"])}" controls loop muted autoplay playsinline></video>'
+                 if it["side_by_side"] else "")
         items.append(f'<section><h3>{it["index"]}. {html.escape(it["prompt"])} <small>seed {it["seed"]}</small></h3>'
-                     f'<video src="{html.escape(it["side_by_side"])}" controls loop muted autoplay playsinline></video>{table}</section>')
+                     f'{video}{table}</section>')
     frames = f'{m["num_frames"]} latent frames ({m["pixel_frames"]} video frames at {m["fps"]} fps)'
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>evaluation</title>

@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--teacher-steps", type=int, default=4, help="the teacher's Euler steps (CFG: two forwards each)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="the tiny random Wan folder and CLIP of the tests")
+    parser.add_argument("--no-videos", action="store_true", help="videos=false: time generation and scores alone")
     parser.add_argument("--out", default=None, help="also write the summary as JSON here")
     parser.add_argument("overrides", nargs="*", help="evaluate.yaml overrides, e.g. speed.cuda_graphs=false")
     args = parser.parse_args(argv)
@@ -107,13 +108,20 @@ def main(argv: list[str] | None = None) -> dict:
     prompt_file = root / f"prompts_{args.prompts}.txt"
     prompt_file.write_text("\n".join(prompts(args.prompts)) + "\n")
     groups = overrides(args, assets, prompt_file)
+    videos = not args.no_videos
+    try:
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        if videos:
+            print("imageio-ffmpeg is not installed here: timing without the mp4 files (videos=false)", flush=True)
+        videos = False
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"):
         cfg = compose("evaluate", overrides=[
             f"checkpoints={assets['pt']}", "names=[student]", f"prompts={prompt_file}", "seed=0",
             f"batch_size={args.batch_size}", f"teacher.steps={args.teacher_steps}", f"clip.weights={assets['clip']}",
-            f"device={args.device}", "overwrite=true", *groups, *args.overrides])
+            f"device={args.device}", f"videos={str(videos).lower()}", "overwrite=true", *groups, *args.overrides])
     out = root / "evaluation"
     start = time.perf_counter()
     metrics = ev.run(cfg, out, group_overrides(groups + list(args.overrides)))
@@ -122,7 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "prompts": args.prompts, "latent_frames": args.frames, "video_frames": metrics["pixel_frames"],
-        "batch_size": args.batch_size, "teacher_steps": args.teacher_steps, "total_s": total, "wall": metrics["wall"],
+        "batch_size": args.batch_size, "teacher_steps": args.teacher_steps, "videos": videos, "total_s": total,
+        "wall": metrics["wall"],
         "student_fps": s["throughput_fps"], "student_fps_after_first_batch": s.get("throughput_fps_after_first_batch"),
         "first_chunk_latency_s": s["first_chunk_latency_s"], "teacher_fps": t.get("throughput_fps"),
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,

@@ -156,11 +156,11 @@ def test_long_video_drift_past_the_training_length(toy_pts, tiny_clip, tmp_path)
     assert (tmp_path / "long" / "drift.png").stat().st_size > 10_000
 
 
-def test_missing_clip_weights_skip_its_scores_in_one_line(toy_pts, tmp_path):
+def test_missing_clip_weights_skip_its_scores_in_one_line_and_videos_false(toy_pts, tmp_path):
     records, remove = captured("utils.distributed")
     try:
         m = evaluate(tmp_path / "out", f"checkpoints={toy_pts[0]}", f"prompts={PROMPTS[:1]}", "clip.weights=/no/clip",
-                     "teacher.enabled=false")
+                     "teacher.enabled=false", "videos=false")
     finally:
         remove()
     reason = ("CLIP scores (clip_score, consistency) skipped: clip.weights=/no/clip does not exist; pass the local path "
@@ -168,7 +168,9 @@ def test_missing_clip_weights_skip_its_scores_in_one_line(toy_pts, tmp_path):
     assert m["skipped"]["clip"] == reason and reason in [r.getMessage() for r in records if r.levelno == logging.WARNING]
     assert m["skipped"]["lpips"] == "LPIPS skipped: teacher.enabled=false (it compares students with the teacher)"
     assert list(m["models"]) == ["a"] and set(m["items"][0]["scores"]["a"]) == {"flicker"}  # the rest runs
-    assert sorted(p.name for p in (tmp_path / "out" / "videos").iterdir()) == ["a"]
+    assert m["skipped"]["vbench"] == "VBench skipped: videos=false (it scores the mp4 files)"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["drift.png", "index.html", "metrics.json"]  # videos=false
+    assert m["items"][0]["side_by_side"] is None and "<video" not in (tmp_path / "out" / "index.html").read_text()
 
 
 def test_tiny_wan_folder(tiny_wan_folder, tiny_clip, tmp_path):
@@ -193,7 +195,7 @@ def test_tiny_wan_folder(tiny_wan_folder, tiny_clip, tmp_path):
     assert np.array_equal(frames(tmp_path / "inference" / index["items"][3]["file"]), video)  # inference.py's video
 
 
-def test_bad_input_is_one_line_and_writes_nothing(toy_pts, tmp_path):
+def test_bad_input_is_one_line_and_writes_nothing(toy_pts, tmp_path, monkeypatch):
     a = toy_pts[0]
     (tmp_path / "empty.txt").write_text("\n  \n")
     big = random_pt(tmp_path / "big.pt", 3, "model.backbone.num_layers=3")  # another model size
@@ -213,6 +215,10 @@ def test_bad_input_is_one_line_and_writes_nothing(toy_pts, tmp_path):
             evaluate(out, *overrides)
         assert "\n" not in str(error.value), str(error.value)
         assert not out.exists(), overrides
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "imageio_ffmpeg", None)  # not installed: named before any video is made
+        with pytest.raises(ValueError, match=r"^videos=true writes mp4 files through imageio-ffmpeg, which is not installed"):
+            evaluate(out, f"checkpoints={a}")
     out.mkdir()
     (out / "metrics.json").write_text("{}")
     with pytest.raises(ValueError, match=rf"^output_dir={out} already holds an evaluation \(metrics.json\); pass overwrite=true"):
@@ -244,7 +250,7 @@ def test_bench_script_at_tiny_size(tmp_path):
     summary = bench_evaluate.main(args)
     assert json.loads((tmp_path / "bench.json").read_text()) == summary
     assert summary["video_frames"] == 5 and summary["teacher_steps"] == 2 and summary["student_fps"] > 0
-    assert set(summary["wall"]) == {"load_s", "teacher_s", "students_s", "write_videos_s", "total_s"}
+    assert summary["videos"] and set(summary["wall"]) == {"load_s", "teacher_s", "students_s", "write_videos_s", "total_s"}
     assert summary["wall"]["total_s"] <= summary["total_s"]
     metrics = json.loads((tmp_path / "tiny" / "evaluation" / "metrics.json").read_text())
     assert list(metrics["models"]) == ["teacher", "student"] and len(metrics["items"]) == 3
