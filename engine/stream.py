@@ -165,10 +165,10 @@ class Stream:
         self.pattern = stream_pattern(student, settings)
         self.threshold = shift_threshold(self.pattern)
         rope_limit = student.generator.config.rope_max_seq_len
-        if self.threshold + self.pattern.num_frame_per_block > rope_limit:
+        if self.threshold > rope_limit:  # chunks end at position `threshold` at the most
             raise ValueError(f"stream.window={self.pattern.local_attn_size} and stream.sink={self.pattern.sink_size} put "
-                             f"positions up to {self.threshold + self.pattern.num_frame_per_block}, past the backbone's "
-                             f"rope_max_seq_len={rope_limit}: choose a shorter window or sink")
+                             f"positions up to {self.threshold}, past the backbone's rope_max_seq_len={rope_limit}: "
+                             "choose a shorter window or sink")
         lookahead = settings.lookahead if settings.lookahead is not None else int(self.device.type == "cuda")
         if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
             raise ValueError(f"stream.lookahead={settings.lookahead} must be an int >= 0 (or null)")

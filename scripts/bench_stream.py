@@ -96,6 +96,7 @@ def run(args) -> dict:
     if device.type == "cuda":
         warm_peak = (torch.cuda.max_memory_allocated(device) / 2**30, torch.cuda.max_memory_reserved(device) / 2**30)
     switches = [{"latent_frame": f, "prompt": p, "recache": r} for f, p, r in stream.switches]
+    graphs = len(student.runner.graphs) if hasattr(student.runner, "graphs") else None  # CUDA graphs held (bounded)
     stream.stop()
     steady = rows[warm_mark[2]:] if warm_mark else []
     times = [r["seconds"] for r in steady]
@@ -112,7 +113,7 @@ def run(args) -> dict:
         "allocated_gib_growth_q2_to_q4": quarter_growth([r["allocated_gib"] for r in steady]),
         "peak_allocated_gib_after_warm_up": warm_peak[0] if warm_peak else None,
         "peak_reserved_gib_after_warm_up": warm_peak[1] if warm_peak else None,
-        "switches": switches, "stopped_by_max_wall": frames < frames_wanted, "rows": rows,
+        "switches": switches, "cuda_graphs": graphs, "stopped_by_max_wall": frames < frames_wanted, "rows": rows,
     }
     if device.type == "cuda":
         result["peak_allocated_gib"] = max(r["allocated_gib"] for r in rows)  # sampled between chunks

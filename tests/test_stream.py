@@ -57,16 +57,19 @@ def frames_of(chunks) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- the stream is generate's clip
-@pytest.mark.parametrize("num_frames", [4, 8])  # the training length; twice it, rolling the window (no renumbering yet)
-def test_stream_equals_generate_exactly(student, num_frames):
+# the training length; twice it, rolling the window (no renumbering yet); a first frame of its own
+@pytest.mark.parametrize("num_frames, first_alone", [(4, False), (8, False), (9, True)])
+def test_stream_equals_generate_exactly(student, num_frames, first_alone):
+    student = variant(student, independent_first_frame=first_alone)
     latents, pixels, _ = generate(student, [Item(0, P, 5, "x")], num_frames)
     chunks = list(Stream(student, P, seed=5, num_frames=num_frames))
-    assert [c.latent_start for c in chunks] == list(range(0, num_frames, 2)) and not any(c.context for c in chunks)
+    starts = [0, 1, 3, 5, 7] if first_alone else list(range(0, num_frames, 2))
+    assert [c.latent_start for c in chunks] == starts and not any(c.context for c in chunks)
     assert torch.equal(latents_of(chunks), latents[0])
     assert torch.equal(frames_of(chunks), torch.from_numpy(to_uint8(pixels[0])))  # the host frames, uint8
     frames = 1 + 4 * (num_frames - 1)
     assert torch.equal(torch.cat([c.timestamps for c in chunks]), torch.arange(frames, dtype=torch.float64) / 16)
-    assert [c.first_frame for c in chunks] == [0] + [1 + 4 * (s - 1) for s in range(2, num_frames, 2)]
+    assert [c.first_frame for c in chunks] == [0] + [1 + 4 * (s - 1) for s in starts[1:]]
 
 
 @pytest.mark.parametrize("sink", [0, 2])
@@ -388,3 +391,55 @@ def test_bench_stream_cpu_path(tmp_path):
     assert [i for i, r in enumerate(result["rows"]) if r["switched"]] == [4, 7] and not result["stopped_by_max_wall"]
     assert result["warm_up_chunks"] == 5 and result["fps_after_warm_up"] > 0  # from the first renumbering (frame 8)
     assert json.loads(out.with_suffix(".json").read_text())["chunks"] == 9 and out.with_suffix(".png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------- on the GPU (the device machine)
+@pytest.mark.gpu
+@torch.no_grad()
+def test_stream_on_the_fast_path_gives_generates_clip_in_flat_memory(tiny_wan_folder):
+    """Every speed lever on (CUDA graphs, decode stream, compiled element-wise ops, compact text): a stream of known
+    length replays generate's clip; an endless one with re-caching switches keeps its memory and its graph count."""
+    from pipeline.cuda_graphs import ChunkGraphs
+    from tests.test_speed_gpu import NO_FA4, rel_err
+    from model.wan.text_encoder import WanTextEncoder
+    from model.wan.transformer import WanDiT
+    from model.wan.vae import WanVAE
+    from model.base import MethodConfig
+    from tests.wan_tiny import randomize
+    from utils.speed import SpeedSchema, apply_levers, resolve_levers
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    generator = randomize(WanDiT(**{**TRANSFORMER, "attention_head_dim": 64}), seed=3).to(device, torch.bfloat16)
+    generator = generator.eval().requires_grad_(False)
+    vae = WanVAE(str(tiny_wan_folder), dtype="bfloat16", device=device)
+    text = WanTextEncoder(str(tiny_wan_folder), text_len=8, dtype="bfloat16", device=device).eval()
+    speed = SpeedSchema(**dict.fromkeys(vars(SpeedSchema()), True))
+    speed.fa4_attention, speed.cudnn_attention = not NO_FA4, bool(NO_FA4)
+    runner, decode_stream = apply_levers(generator, vae, resolve_levers(speed, device))
+    student = Student(generator, text, vae, MethodConfig(num_frame_per_block=3, num_training_frames=9), (4, 30, 52),
+                      runner=runner, decode_stream=decode_stream)
+    assert isinstance(student.runner, ChunkGraphs) and student.decode_stream is not None
+
+    latents, pixels, _ = generate(student, [Item(0, P, 5, "x")], 18)  # window 9: renumbered first at frame 18
+    chunks = list(Stream(student, P, seed=5, num_frames=18))
+    lat_err = rel_err(latents_of(chunks).cpu(), latents[0])
+    pix_gap = (frames_of(chunks).int() - torch.from_numpy(to_uint8(pixels[0])).int()).abs().max().item()
+    print(f"stream vs generate: latents rel err {lat_err:.2e}, pixels max gap {pix_gap} levels")
+    assert lat_err <= 1e-6 and pix_gap <= 1
+
+    stream = Stream(student, P, seed=1)
+    allocated, graphs = {}, {}
+    for i, chunk in enumerate(stream):
+        if i in (10, 25):
+            stream.switch(Q if i == 10 else P)  # re-cache on
+        if i in (30, 60):
+            torch.cuda.synchronize()
+            allocated[i], graphs[i] = torch.cuda.memory_allocated(device), len(student.runner.graphs)
+        if i == 60:
+            break
+    growth = (allocated[60] - allocated[30]) / 2**20
+    print(f"allocated {allocated[30] / 2**20:.1f} -> {allocated[60] / 2**20:.1f} MiB; graphs {graphs}; offset {stream.offset}")
+    assert stream.offset > 0 and chunk.frames.dtype == torch.uint8 and not chunk.frames.is_cuda
+    assert graphs[60] == graphs[30] <= 2 * 18 // 3 and abs(growth) < 16
+    stream.stop()
