@@ -18,6 +18,7 @@ from hydra.utils import get_class
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from engine.quantize import check_precision
 from model.base import MethodConfig, SelfForcingModel
 from model.wan.attention import BACKENDS
 
@@ -37,6 +38,7 @@ Schedule = Choice("Schedule", {v: v for v in ("constant", "cosine")})
 LoggerMode = Choice("LoggerMode", {v: v for v in ("online", "offline", "disabled")})
 Device = Choice("Device", {v: v for v in ("auto", "cpu", "cuda")})
 VideoFormat = Choice("VideoFormat", {v: v for v in ("mp4", "gif")})
+Precision = Choice("Precision", {v: v for v in ("bf16", "int8", "fp8")})
 
 
 @dataclass
@@ -67,6 +69,16 @@ class LoraSchema:
 
 
 @dataclass
+class PrecisionSchema:
+    # frozen networks stored in lower precision (engine/quantize.py): null (as built: the Wan teacher in
+    # model.dtype) | bf16 | int8 | fp8 (torchao weight-only linears; fp8 needs a GPU with compute capability 8.9+)
+    teacher: Optional[Precision] = None
+    text_encoder: Optional[Precision] = None
+    generator: Optional[Precision] = None  # trained networks keep fp32 master weights: any value here is an error saying so
+    critic: Optional[Precision] = None
+
+
+@dataclass
 class ModelSchema:
     path: Optional[str] = None  # a diffusers-format Wan folder (transformer/, vae/, text_encoder/, tokenizer/)
     backbone: dict = field(default_factory=dict)  # WanTransformer3DModel config; empty: path's transformer/config.json
@@ -84,6 +96,10 @@ class ModelSchema:
     fused_elementwise: Optional[bool] = False  # norms, modulation and RoPE through torch.compile (model/wan/fused.py); null: on CUDA
     compile_blocks: Optional[bool] = False  # the trained networks' chunk calls (the rollout) run each block as one compiled graph; null: on CUDA
     lora: LoraSchema = field(default_factory=LoraSchema)  # LoRA adapters instead of full fine-tuning, per network
+    precision: PrecisionSchema = field(default_factory=PrecisionSchema)  # int8 / fp8 / bf16 storage of frozen networks
+    # with FSDP: build the Wan networks on the meta device, shard, then each rank reads only its shards from the
+    # files (false: every rank loads whole networks onto its device first, then shards them)
+    sharded_loading: bool = True
 
 
 @dataclass
@@ -318,6 +334,10 @@ def validate(cfg: DictConfig) -> None:
         if name != "export_merged" and lora is not None and lora.rank > 0 and name not in trained:
             raise ValueError(f"model.lora.{name}.rank={lora.rank}: {cls.__name__} trains no network {name!r}; "
                              f"its trained networks are {trained}")
+    for name, precision in cfg.model.precision.items():  # int8 for a trained network: named here, before any build
+        if precision is not None and name not in cls.networks:
+            raise ValueError(f"model.precision.{name}={precision}: {cls.__name__} declares no network {name!r}")
+        check_precision(name, None if precision is None else str(precision), name in trained)
     for phase in cls.phases:
         phase.period(cfg)  # a str period names a config key: it must exist and be >= 1
         for source in phase.data:

@@ -72,6 +72,25 @@ def add_adapters(module: nn.Module, spec: DictConfig, name: str):
     return LoraModel(module, peft_config(spec), "default")  # what peft.inject_adapter_in_model does
 
 
+def initial_adapters(module: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """The adapters' initial values as a function of `seed` and their names alone: lora_A uniform in
+    +-1/sqrt(fan_in) (the bound of peft's kaiming_uniform_(a=sqrt(5))), drawn in name order from one CPU
+    generator, and lora_B zeros (so the adapted network starts as its base). peft's own draws come from
+    the global RNG in its injection order, on the module's device; these are the same on every rank,
+    device and world size, whether the network is built whole or on the meta device and sharded
+    (engine/build.py fills each rank's rows of them)."""
+    gen = torch.Generator().manual_seed(seed)
+    values = {}
+    for name, p in sorted(module.named_parameters()):
+        if is_adapter(name):
+            if ".lora_A." in name:
+                bound = 1.0 / p.shape[1] ** 0.5
+                values[name] = torch.empty(tuple(p.shape)).uniform_(-bound, bound, generator=gen)
+            else:
+                values[name] = torch.zeros(tuple(p.shape))
+    return values
+
+
 def is_adapter(key: str) -> bool:
     return ".lora_" in key  # peft's lora_A / lora_B parameters
 

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
-from engine.build import backbone_config, build_method, build_optimizer, shard_method
+from engine.build import backbone_config, build_method, build_optimizer
 from engine.config import accumulation_steps, optim_config
 from engine.evaluation import evaluate_toy
 from engine.lora import adapter_config, adapter_weights, lora_spec, merged_weights
@@ -203,9 +203,9 @@ class Trainer:
         self.cfg, self.run_dir, self.dist = cfg, run_dir, dist
         device = pick_device(cfg, dist.local_rank)
         seed_everything(cfg.seed, 0)  # random initial weights: the same on every rank, as each keeps its own shard
-        self.method = method = build_method(cfg, device)
+        # sharded (and with model.sharded_loading read shard by shard) before the optimizers, which must hold the shards
+        self.method = method = build_method(cfg, device, build_mesh(cfg.fsdp, dist))
         seed_everything(cfg.seed, dist.rank)
-        shard_method(method, cfg, build_mesh(cfg.fsdp, dist))  # before the optimizers, which must hold the shards
         self.accumulation = accumulation_steps(cfg, dist.world_size)
         self.data = DataSources(cfg.data, cfg.batch_size, dist.world_size, self.accumulation)
         self.phases = type(method).phases

@@ -6,7 +6,7 @@
 (`python scripts/bench_train.py ...` is world size 1 of the same code; methods that read real clips,
 such as experiment=dmd2_gan or fdistill_js, take `--random-latents 8` for random clips of the run's
 latent shape in place of encoded videos.) The networks are built and
-sharded exactly as the trainer does (build_method, shard_method on the fsdp.* mesh); each step is the
+sharded exactly as the trainer does (build_method on the fsdp.* mesh); each step is the
 trainer's own `run_phase` (rollout or sampling, loss, backward, clip, AdamW) on its own batch of
 `batch_size` prompts per rank. The first `--warmup` steps of each kind are warm-up (kernels,
 compilation); the rest are timed with device synchronisation. Printed on rank 0, as JSON: median step
@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.build import build_method, build_optimizer, shard_method  # noqa: E402
+from engine.build import build_method, build_optimizer  # noqa: E402
 from engine.config import compose_checked  # noqa: E402
 from engine.config import optim_config  # noqa: E402
 from engine.trainer import DataSources, Optimized, run_phase  # noqa: E402
@@ -82,8 +82,7 @@ def build_sharded(cfg, dist):
     """(device, method, data): the networks built and sharded as the trainer does, and its data sources."""
     device = pick_device(cfg, dist.local_rank)
     seed_everything(cfg.seed, 0)  # random weights (model.path folders hold fixed ones): the same on every rank
-    method = build_method(cfg, device)
-    shard_method(method, cfg, build_mesh(cfg.fsdp, dist))
+    method = build_method(cfg, device, build_mesh(cfg.fsdp, dist))
     return device, method, DataSources(cfg.data, cfg.batch_size, dist.world_size, 1)
 
 

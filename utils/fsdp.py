@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from utils.distributed import Dist
@@ -121,3 +122,114 @@ def reshard(module: nn.Module) -> None:
 
 def is_sharded(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
+
+
+# ---------------------------------------------------------------- sharded loading
+# A network built on the meta device and sharded there holds no memory; materialize() allocates each
+# rank's shards on its device and fills them from the weight files, each rank reading only the rows of
+# its shards (FSDP2 shards dim 0), so N ranks never hold N whole copies, on the GPU or on the host.
+
+
+def state_names(module: nn.Module) -> list[list[str]]:
+    """The names of each parameter and persistent buffer, one list per tensor (tied weights, such as
+    UMT5's shared / embed_tokens, are one tensor with several names)."""
+    names: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    persistent = set(module.state_dict(keep_vars=True))
+    for name, b in module.named_buffers(remove_duplicate=False):
+        if name in persistent:
+            names.setdefault(id(b), []).append(name)
+    return list(names.values())
+
+
+def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+    """(the tensor this rank writes, the first global row it holds; None: the whole tensor)."""
+    if not isinstance(t, DTensor):
+        return t, None
+    if any(p.is_shard() and p.dim != 0 for p in t.placements):
+        raise ValueError(f"sharded loading reads row shards (FSDP2's Shard(0)), got placements {t.placements}")
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return t.to_local(), (offset[0] if t.ndim else None)
+
+
+class _Loader:
+    """Fills a module's tensors, one name group at a time, from `tensors` (state-dict names -> anything
+    indexed as `t[...]` (whole) or `t[a:b]` (rows) with a `.shape`: tensors, memory-mapped tensors,
+    model.wan.weights.FileTensor); records what is missing or misshapen."""
+
+    def __init__(self, module: nn.Module, tensors):
+        self.module, self.tensors = module, tensors
+        self.groups = state_names(module)
+        self.group_of = {n: i for i, names in enumerate(self.groups) for n in names}
+        self.filled: set[int] = set()
+        self.missing: list[str] = []
+        self.misshapen: list[str] = []
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        module, _, leaf = name.rpartition(".")
+        owner = self.module.get_submodule(module)
+        return owner._parameters[leaf] if leaf in owner._parameters else owner._buffers[leaf]
+
+    @torch.no_grad()
+    def fill(self, name: str) -> None:
+        group = self.group_of.get(name)
+        if group is None or group in self.filled:
+            return
+        self.filled.add(group)
+        present = [n for n in self.groups[group] if n in self.tensors]
+        if not present:
+            self.missing.append(self.groups[group][0])
+            return
+        target, source = self._tensor(name), self.tensors[present[0]]
+        if tuple(source.shape) != tuple(target.shape):
+            self.misshapen.append(f"{present[0]}: {tuple(source.shape)} vs model {tuple(target.shape)}")
+            return
+        local, first = _rows(target)
+        if local.numel():
+            local.copy_(source[...] if first is None else source[first:first + local.shape[0]])
+
+    def result(self) -> tuple[list, list, list]:
+        known = {n for names in self.groups for n in names}
+        return self.missing, sorted(set(self.tensors) - known), self.misshapen
+
+
+def load_tensors(module: nn.Module, tensors, strict: bool = True) -> tuple[list, list, list]:
+    """Fill `module`'s parameters and persistent buffers from `tensors` (see _Loader); a sharded
+    parameter (DTensor) reads only its rows. Returns (missing, unexpected, misshapen) names;
+    strict=False: only the names `tensors` holds are filled, the others are not missing."""
+    loader = _Loader(module, tensors)
+    for names in loader.groups:
+        if strict or any(n in tensors for n in names):
+            loader.fill(names[0])
+    return loader.result()
+
+
+def materialize(module: nn.Module, device: torch.device, tensors, after=None) -> tuple[list, list, list]:
+    """Allocate a meta-built (possibly sharded) module on `device` and fill it from `tensors`
+    (load_tensors); returns (missing, unexpected, misshapen) names. Buffers built outside the meta
+    device (RoPE tables) keep their values.
+
+    after(submodule): called on each submodule once its own tensors are filled; the submodules are then
+    allocated one by one, so a network that `after` quantises (engine/quantize.py) never holds all of
+    its weights at full precision at once. Without it the module is allocated whole (FSDP2 re-registers
+    its shards then)."""
+    real = {name: b for name, b in module.named_buffers() if not b.is_meta}
+    loader = _Loader(module, tensors)
+    if after is None:
+        module.to_empty(device=device)
+        for names in loader.groups:
+            loader.fill(names[0])
+    else:
+        for prefix, sub in module.named_modules():  # a shared submodule once: `after` must not quantise it twice
+            own = [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]
+            if any(t.is_meta for _, t in own):
+                sub.to_empty(device=device, recurse=False)
+            for leaf, _ in own:
+                loader.fill(f"{prefix}.{leaf}" if prefix else leaf)
+            after(sub)
+    for name, value in real.items():  # to_empty left them uninitialised
+        module.get_buffer(name).copy_(value.to(device))
+    return loader.result()

@@ -69,6 +69,14 @@ class ExactTeacher(torch.nn.Module):
         table = text_encoder(world.prompts + [""])["prompt_embeds"].detach().clone()
         self.register_buffer("prompt_table", table, persistent=False)
         self._templates: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self.weight_fn = None  # round_weights: the templates' values at a storage precision
+
+    def round_weights(self, fn) -> None:
+        """Hold the templates as `fn` rounds them (engine/quantize.py: bf16, or torchao's per-row int8 / fp8).
+        They are the matrix of both products of the posterior mean (x_t . x0_k, then sum_k w_k x0_k), so
+        each (template, frame) row is one output row of a linear layer's weight; the arithmetic stays float64."""
+        self.weight_fn = fn
+        self._templates.clear()
 
     @property
     def unconditional(self) -> int:
@@ -100,7 +108,10 @@ class ExactTeacher(torch.nn.Module):
         key = (num_frames, torch.device(device))
         if key not in self._templates:
             videos, _ = self.world.all_templates(num_frames)
-            self._templates[key] = videos.flatten(2).to(device=device, dtype=torch.float64)
+            rows = videos.flatten(2)  # [P * K, F, C * H * W]
+            if self.weight_fn is not None:
+                rows = self.weight_fn(rows.flatten(0, 1).float()).view(rows.shape)
+            self._templates[key] = rows.to(device=device, dtype=torch.float64)
         return self._templates[key]
 
     def _inputs(self, x: torch.Tensor, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

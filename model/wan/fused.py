@@ -76,8 +76,10 @@ def feed_forward(ffn: torch.nn.Module, h: torch.Tensor, fused: bool) -> torch.Te
     backward, and on the CPU it computes the erf GELU, so training, CPU runs and autocast keep the
     module's own ops."""
     up = ffn.net[0]
-    # a LoRA-adapted projection (peft's layer, not an nn.Linear) must run its own forward: its .weight is the base's
+    # a LoRA-adapted projection (peft's layer, not an nn.Linear) must run its own forward: its .weight is the base's;
+    # so must a quantised one (torchao's int8 / fp8 weight, a tensor subclass: engine/quantize.py)
     if not (fused and h.is_cuda and len(ffn.net) == 3 and type(up.proj) is torch.nn.Linear
+            and type(up.proj.weight) in (torch.Tensor, torch.nn.Parameter)
             and not torch.is_grad_enabled() and not torch.is_autocast_enabled()
             and getattr(up, "approximate", None) == "tanh" and up.proj.bias is not None
             and h.dtype == up.proj.weight.dtype and not (ffn.training and ffn.net[1].p > 0)):

@@ -49,30 +49,73 @@ def first_words(prompt: str, words: int = 6) -> str:
     return repr(" ".join(split[:words]) + (" ..." if len(split) > words else ""))
 
 
+def _empty_umt5(folder, dtype: torch.dtype) -> UMT5EncoderModel:
+    """UMT5 built from its config with parameters on the meta device, in from_pretrained's dtypes: `dtype`,
+    except the modules transformers keeps in float32 (`_keep_in_fp32_modules`, T5's `wo`, for float16 only;
+    `_keep_in_fp32_modules_strict` for bfloat16 too), matched as it matches them (a search in the name).
+    tests/test_sharded_loading.py checks the dtypes against from_pretrained's."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    with init_empty_weights(include_buffers=False):
+        model = UMT5EncoderModel(AutoConfig.from_pretrained(folder))
+    model.tie_weights()  # init_empty_weights re-registers each module's parameters, untying shared / embed_tokens
+    model.to(dtype)
+    keep = list(getattr(model, "_keep_in_fp32_modules_strict", None) or []) if dtype == torch.bfloat16 else []
+    if dtype == torch.float16:
+        keep += list(getattr(model, "_keep_in_fp32_modules", None) or []) + \
+            list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    if keep:
+        pattern = re.compile("|".join(re.escape(k) for k in keep))
+        for name, p in model.named_parameters():
+            if pattern.search(name):
+                p.data = p.data.float()
+    return model
+
+
 class WanTextEncoder(torch.nn.Module):
     """forward(prompts) -> {"prompt_embeds": [B, text_len, d_model], "attention_mask": [B, text_len] bool}.
 
     Embeddings come in the encoder's dtype (bf16 for Wan, as the original Wan feeds its DiT).
     """
 
-    def __init__(self, path: str, text_len: int = 512, dtype="bfloat16", device=None):
+    def __init__(self, path: str, text_len: int = 512, dtype="bfloat16", device=None, load: bool = True):
+        """load=False: UMT5's parameters on the meta device, in the dtypes from_pretrained would give them;
+        the engine shards it and fills each rank's shards from `weight_tensors()` (engine/build.py)."""
         super().__init__()
         folder = check_wan_folder(path, parts=("text_encoder", "tokenizer"))
-        self.text_len = text_len
+        self.folder, self.text_len = folder, text_len
         self.tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
-        model, info = UMT5EncoderModel.from_pretrained(
-            folder / "text_encoder", dtype=to_dtype(dtype), output_loading_info=True
-        )
-        # transformers only warns about missing weights and leaves them random: refuse instead.
-        raise_on_mismatch(
-            sorted(info["missing_keys"]), [], sorted(str(m) for m in info["mismatched_keys"]),
-            f"{folder / 'text_encoder'} does not match UMT5EncoderModel",
-        )
+        if load:
+            model, info = UMT5EncoderModel.from_pretrained(
+                folder / "text_encoder", dtype=to_dtype(dtype), output_loading_info=True
+            )
+            # transformers only warns about missing weights and leaves them random: refuse instead.
+            raise_on_mismatch(
+                sorted(info["missing_keys"]), [], sorted(str(m) for m in info["mismatched_keys"]),
+                f"{folder / 'text_encoder'} does not match UMT5EncoderModel",
+            )
+        else:
+            model = _empty_umt5(folder / "text_encoder", to_dtype(dtype))
         self.model = model.requires_grad_(False).eval()
         self.text_dim = model.config.d_model
         self.warned = False  # an over-long prompt has been reported: later ones are truncated quietly
         if device is not None:
             self.to(device)
+
+    def weight_tensors(self) -> dict:
+        """The text encoder's tensors in this module's state-dict names (`model.` + UMT5's), read lazily:
+        safetensors files opened, .bin files memory-mapped (model/wan/weights.py)."""
+        from .weights import open_safetensors
+
+        folder = self.folder / "text_encoder"
+        files = sorted(folder.glob("model*.safetensors"))
+        tensors = {}
+        for f in files or sorted(folder.glob("pytorch_model*.bin")):
+            part = open_safetensors(f) if f.suffix == ".safetensors" else \
+                torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            tensors.update({f"model.{k}": v for k, v in part.items()})
+        return tensors
 
     def token_count(self, prompt: str) -> int:
         """Tokens of `prompt` with `</s>`, untruncated: more than text_len means it will be truncated."""

@@ -118,11 +118,16 @@ def select_self_forcing(checkpoint: dict, key: str | None = None) -> dict[str, t
     return checkpoint[key]
 
 
-def read_state_dict(path: str | Path, key: str | None = None) -> dict[str, torch.Tensor]:
-    """Read a transformer state dict in diffusers names from a folder, .safetensors or .pt file."""
+def read_state_dict(path: str | Path, key: str | None = None, lazy: bool = False) -> dict[str, torch.Tensor]:
+    """Read a transformer state dict in diffusers names from a folder, .safetensors or .pt file.
+
+    lazy: the values are read when indexed (`value[...]` whole, `value[a:b]` rows): safetensors files
+    are opened as FileTensors, a .pt file memory-mapped, so a rank that loads its shards reads only
+    their rows (engine/build.py, utils/fsdp.py load_tensors)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
+    read = open_safetensors if lazy else _load_safetensors
     if path.is_dir():
         folder = path / "transformer" if (path / "transformer").is_dir() else path
         files = sorted(folder.glob("*.safetensors"))
@@ -131,9 +136,9 @@ def read_state_dict(path: str | Path, key: str | None = None) -> dict[str, torch
                 f"{folder} holds no .safetensors files; expected a diffusers transformer folder "
                 "(config.json + diffusion_pytorch_model*.safetensors)"
             )
-        return to_diffusers({k: v for f in files for k, v in _load_safetensors(f).items()})
+        return to_diffusers({k: v for f in files for k, v in read(f).items()})
     if path.suffix == ".safetensors":
-        return to_diffusers(_load_safetensors(path))
+        return to_diffusers(read(path))
     checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if not isinstance(checkpoint, dict):
         raise WeightMismatchError(f"{path} holds a {type(checkpoint).__name__}, expected a dict of tensors")
@@ -144,6 +149,28 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+class FileTensor:
+    """A tensor of a safetensors file, read when indexed: `[...]` the whole tensor, `[a:b]` rows a to b.
+    The file is memory-mapped, so reading rows touches only their pages."""
+
+    def __init__(self, handle, name: str):
+        self.handle, self.name = handle, name
+        self.slice = handle.get_slice(name)
+        self.shape = torch.Size(self.slice.get_shape())
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if index is Ellipsis:
+            return self.handle.get_tensor(self.name)
+        return self.slice[index]
+
+
+def open_safetensors(path: Path) -> dict[str, FileTensor]:
+    from safetensors import safe_open
+
+    handle = safe_open(str(path), framework="pt", device="cpu")
+    return {name: FileTensor(handle, name) for name in handle.keys()}
 
 
 def check_keys(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str = "the checkpoint") -> None:
