@@ -179,11 +179,10 @@ class Stream:
         context = context_latents(student, self.pattern, video=init_video, image=init_image, latents=init_latents)
         self.context_frames = 0 if context is None else context.shape[1]
         if num_frames is not None:
-            total = self.context_frames + num_frames
             if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
                 raise ValueError(f"num_frames={num_frames} must be a positive number of latent frames (or None: endless)")
             try:
-                self.pattern.check_clip(total)
+                self.pattern.check_clip(self.context_frames + num_frames)
             except ValueError as e:
                 raise ValueError(f"num_frames={num_frames} after {self.context_frames} context frames: {e}") from None
         self.end = None if num_frames is None else self.context_frames + num_frames  # latent frames, or endless
