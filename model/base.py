@@ -33,6 +33,9 @@ class MethodConfig:
     denoising_step_list: list[float] = field(default_factory=lambda: [1000, 750, 500, 250])
     warp_denoising_step: bool = True  # warp the step list onto the shifted schedule
     timestep_shift: float = 5.0  # Wan's sigma shift
+    # the shift of the score timesteps (the DMD / SiD loss, the critic's) alone; null: timestep_shift. The
+    # Self-Forcing reference keeps one; SimpleTuner's DMD (distillation_config.timestep_shift: 1) splits them
+    score_timestep_shift: float | None = None
     num_frame_per_block: int = 3  # frames per chunk of the block-causal generator
     independent_first_frame: bool = False  # frame 0 is a block of its own
     local_attn_size: int = -1  # generator attention window in frames (-1: all earlier blocks)
@@ -244,7 +247,8 @@ class SelfForcingModel(torch.nn.Module, RolloutParts):
         high = denoised[0] if below and denoised else n
         u = self.rng.randint(low, max(high, low + 1), (batch,))
         return self.schedule.score_timestep(
-            u, frames, shift=cfg.timestep_shift, min_step=int(cfg.min_step_ratio * n), max_step=int(cfg.max_step_ratio * n)
+            u, frames, shift=cfg.timestep_shift if cfg.score_timestep_shift is None else cfg.score_timestep_shift,
+            min_step=int(cfg.min_step_ratio * n), max_step=int(cfg.max_step_ratio * n)
         )
 
     # ---------------------------------------------------------------- losses
