@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
         "batch_size": args.batch_size, "teacher_steps": args.teacher_steps, "videos": videos, "total_s": total,
         "wall": metrics["wall"],
         "student_fps": s["throughput_fps"], "student_fps_after_first_batch": s.get("throughput_fps_after_first_batch"),
-        "first_chunk_latency_s": s["first_chunk_latency_s"], "teacher_fps": t.get("throughput_fps"),
+        "first_chunk_latency_s": s["first_chunk_latency_s"], "student_generation_s": s["timing"]["generation_s"],
+        "teacher_fps": t.get("throughput_fps"), "teacher_generation_s": t.get("generation_s"),
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "output_dir": str(out),
     }
@@ -143,7 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nevaluate: {total:.1f} s for {args.prompts} prompts x {metrics['pixel_frames']} frames, teacher {args.teacher_steps} "
           f"steps; student {s['throughput_fps']:.1f} frames/s (after the first batch: "
           f"{summary['student_fps_after_first_batch'] or float('nan'):.1f}), first chunk {s['first_chunk_latency_s']:.3f} s; "
-          f"teacher {summary['teacher_fps'] or float('nan'):.2f} frames/s" + (
+          f"teacher {summary['teacher_fps'] or float('nan'):.2f} frames/s ({summary['teacher_generation_s'] or float('nan'):.1f} s "
+          f"for {args.teacher_steps} steps with CFG and the decode)" + (
               f"; peak {summary['peak_gib']:.1f} GiB" if summary["peak_gib"] else ""))
     if args.out:
         Path(args.out).write_text(json.dumps(summary, indent=2))
