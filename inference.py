@@ -1,4 +1,5 @@
-"""Stream videos from a trained student: one mp4 per (prompt, seed) and an index.json. Hydra entry point.
+"""Stream videos from a trained student: one mp4 per (prompt, seed) and an index.json (an image student: one png
+each). Hydra entry point.
 
     python inference.py checkpoint=outputs/2025-01-01/12-00-00          # a run's latest step, toy prompts
     python inference.py checkpoint=<run dir> prompts=prompts.txt seed=[0,1] num_frames=36
@@ -30,7 +31,8 @@ def main(cfg: DictConfig) -> None:
         index = run(cfg, cfg.output_dir or hydra_cfg.runtime.output_dir, group_overrides(hydra_cfg.overrides.task))
     if not index:  # ranks other than 0
         return
-    log0("%d videos in %s (index.json)", len(index["items"]), index["output_dir"])
+    log0("%d %s in %s (index.json)", len(index["items"]), "images" if index.get("format") == "png" else "videos",
+         index["output_dir"])
     log0("throughput %.2f frames/s, first-chunk latency %.3f s (%s)", index["throughput_fps"],
          index["first_chunk_latency_s"], index["timing"]["device"])
     if "toy_metrics" in index:

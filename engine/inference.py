@@ -16,6 +16,9 @@ Timelines (`prompts=` a .yaml / .yml file of {start: <seconds>, prompt: <text>} 
 prompt switched at the chunk where each entry starts, its frames written to the mp4 as they come. With
 the item's noise key and length a stream draws generate's noise, so a one-entry timeline gives the
 prompt's video.
+
+An image student (model/image_kd.py, a WanImageDiT) makes one PNG per item instead (`generate_images`, the
+sampler of its training's validation images, from the same noise key), with the same index.json.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from tqdm import tqdm
 
 from model.base import MethodConfig
+from model.image_kd import is_image_student, sample_images
 from pipeline.rollout import chunk_starts, rollout
 from engine.build import backbone_config
 from utils.distributed import pick_device
@@ -376,9 +380,38 @@ def generate(student: Student, items: list[Item], num_frames: int, noise: torch.
     return out.video.float().cpu(), video, timing
 
 
-# The files inference writes: <index>_<prompt>_seed<s>.mp4 / .latents.safetensors, index.json, and their
+@torch.no_grad()
+def generate_images(student: Student, items: list[Item], num_frames: int, noise: torch.Tensor | None = None):
+    """An image student's batch, as `generate` returns a video batch: (latents [B, 1, C, H, W], pixels
+    [B, 1, C', H', W'] float32 CPU, timing); first_chunk_s is the whole batch's time (one image, one chunk)."""
+    device = student.device
+    _sync(device)
+    start = time.perf_counter()
+    rng = SampleRNG([it.noise_key for it in items], device)
+    latents, pixels = sample_images(student, student.generator, [it.prompt for it in items], rng, noise)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    return latents.float().cpu(), pixels, {"first_chunk_s": seconds, "seconds": seconds}
+
+
+def write_png(path: str | Path, frame: np.ndarray) -> Path:
+    """uint8 pixels [H, W, 3] as a PNG file."""
+    import imageio.v3 as iio
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    iio.imwrite(path, frame, extension=".png")
+    return path
+
+
+def read_png(path: str | Path) -> torch.Tensor:
+    """A PNG as [3, H, W] float32 in [-1, 1] (what write_png of to_uint8 wrote)."""
+    return read_frames(str(path), "init_image")[0]
+
+
+# The files inference writes: <index>_<prompt>_seed<s>.mp4 (.png) / .latents.safetensors, index.json, and their
 # temporary names while being written (_replace_into: a leading dot and .partial before the suffix).
-OUTPUT_NAME = re.compile(r"\.?\d{4,}_[a-z0-9-]*_seed-?\d+(\.latents)?(\.partial)?\.(mp4|safetensors)|\.?index(\.partial)?\.json")
+OUTPUT_NAME = re.compile(r"\.?\d{4,}_[a-z0-9-]*_seed-?\d+(\.latents)?(\.partial)?\.(mp4|png|safetensors)|\.?index(\.partial)?\.json")
 
 
 def earlier_run(out_dir: Path) -> list[Path]:
@@ -396,7 +429,7 @@ def earlier_run(out_dir: Path) -> list[Path]:
     for item in items if isinstance(items, list) else []:
         for key in ("file", "latents"):
             name = item.get(key) if isinstance(item, dict) else None
-            if isinstance(name, str) and name.endswith((".mp4", ".safetensors")) and Path(name).name == name:
+            if isinstance(name, str) and name.endswith((".mp4", ".png", ".safetensors")) and Path(name).name == name:
                 if (out_dir / name).is_file():
                     found.add(out_dir / name)
     return sorted(found)
@@ -409,13 +442,18 @@ def _replace_into(final: Path, write) -> None:
     os.replace(tmp, final)
 
 
-def write_item(out_dir: Path, item: Item, pixels: torch.Tensor, latents: torch.Tensor | None, fps: int) -> dict:
+def write_item(out_dir: Path, item: Item, pixels: torch.Tensor, latents: torch.Tensor | None, fps: int,
+               image: bool = False) -> dict:
+    """The item's mp4 (image: its png) and latents; its index.json record."""
     from safetensors.torch import save_file
 
     from utils.video import to_uint8, write_video
 
-    video = out_dir / f"{item.stem}.mp4"
-    _replace_into(video, lambda tmp: write_video(tmp, to_uint8(pixels), fps=fps))
+    video = out_dir / f"{item.stem}.{'png' if image else 'mp4'}"
+    if image:
+        _replace_into(video, lambda tmp: write_png(tmp, to_uint8(pixels)[0]))
+    else:
+        _replace_into(video, lambda tmp: write_video(tmp, to_uint8(pixels), fps=fps))
     record = {"index": item.index, "file": video.name, "prompt": item.prompt, "seed": item.seed, "frames": pixels.shape[0]}
     if latents is not None:
         path = out_dir / f"{item.stem}.latents.safetensors"
@@ -515,6 +553,7 @@ class Plan:
     streamed: bool = False  # timelines or continuation: each item is a Stream (stream_item)
     context: torch.Tensor | None = None  # the init frames' latents [1, f, C, h, w], the same for every item
     settings: StreamSchema | None = None  # stream.*
+    image: bool = False  # an image student: one PNG per item (generate_images)
 
 
 def prepare(cfg: DictConfig, overrides: list[str], device: torch.device) -> Plan:
@@ -548,6 +587,13 @@ def prepare(cfg: DictConfig, overrides: list[str], device: torch.device) -> Plan
             check_num_frames(num_frames, method, backbone_config(node))
         noise = read_noise(cfg.noise, (len(items), num_frames, *node.model.latent_shape)) if cfg.noise else None
     student = build_student(node, method, source, device, world, cfg.speed)
+    image = is_image_student(student.generator)
+    if image and (streamed or cfg.duration is not None):
+        raise ValueError("this checkpoint is an image student (WanImageDiT), which makes single images: timelines "
+                         "(prompts=*.yaml), init_video / init_image and duration are for video students")
+    if image and num_frames != 1:
+        raise ValueError(f"num_frames={num_frames}: this checkpoint is an image student (WanImageDiT), which makes "
+                         "one frame; leave num_frames unset (or 1)")
     if cfg.duration is not None:
         num_frames = frames_for_duration(cfg.duration, cfg.fps, method.pattern, student.vae.temporal_compression)
         if not streamed:
@@ -560,7 +606,7 @@ def prepare(cfg: DictConfig, overrides: list[str], device: torch.device) -> Plan
         log0("toy metrics skipped: some prompts are not toy-world prompts", level=logging.WARNING)
         scored = False
     if not streamed:
-        return Plan(source, student, items, num_frames, noise, scored)
+        return Plan(source, student, items, num_frames, noise, scored, image=image)
     settings = OmegaConf.to_object(cfg.stream) if OmegaConf.is_config(cfg.stream) else cfg.stream
     pattern = stream_pattern(student, settings)
     context = context_latents(student, pattern, video=init.get("init_video"), image=init.get("init_image"))
@@ -612,10 +658,10 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] = ()) -> d
     for b in range(0, len(mine) if not plan.streamed else 0, cfg.batch_size):
         batch = mine[b : b + cfg.batch_size]
         noise = plan.noise[[it.index for it in batch]] if plan.noise is not None else None
-        latents, pixels, timing = generate(plan.student, batch, plan.num_frames, noise)
+        latents, pixels, timing = (generate_images if plan.image else generate)(plan.student, batch, plan.num_frames, noise)
         timings.append(timing | {"frames": pixels.shape[0] * pixels.shape[1]})
         for k, item in enumerate(batch):
-            rec = write_item(out_dir, item, pixels[k], latents[k] if cfg.save_latents else None, cfg.fps)
+            rec = write_item(out_dir, item, pixels[k], latents[k] if cfg.save_latents else None, cfg.fps, plan.image)
             records.append(rec | {"checkpoint": str(plan.source.path), "latent_frames": plan.num_frames})
             if plan.scored:
                 clips.append((item.index, pixels[k]))
@@ -636,6 +682,8 @@ def merge_index(plan: Plan, gathered: list, fps: int, world_size: int, device: t
     records = sorted((r for rs, _, _ in gathered for r in rs), key=lambda r: r["index"])
     index = {"checkpoint": str(plan.source.path), "weights": plan.source.weights, "num_frames": plan.num_frames,
              "fps": fps, "world_size": world_size, "items": records}
+    if plan.image:
+        index["format"] = "png"  # an image student's: one PNG per item
     if plan.scored:
         from utils.toy_metrics import evaluate
 

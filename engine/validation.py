@@ -14,6 +14,9 @@ forwards are collectives; rank 0 writes them one by one, so no rank holds more t
     <run>/samples/step_XXXXXX/grid.mp4         all of them tiled, a row per prompt, a column per seed
     <run>/samples/step_XXXXXX/index.json       file, prompt, seed of each; step, frames, weights
     <run>/samples/teacher/...                  the same for the teacher; its index.json holds the settings
+
+An image student (model/image_kd.py, a WanImageDiT) writes p00_s0.png instead, sampled by `sample_images`
+from the same noise key, and grid.png shows each of its images beside the teacher's of the same prompt and seed.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from engine.evaluation import sample_with
-from engine.inference import Item, make_items
+from engine.inference import Item, make_items, read_png, write_png
+from model.image_kd import is_image_student, sample_images
 from pipeline.ode import euler_sample, sigma_grid
 from utils.distributed import broadcast_object, log0
 from utils.sample_rng import SampleRNG
@@ -39,7 +43,7 @@ from utils.video import grid_video, to_uint8, write_video
 GRID_CELL = 416  # longest side of a grid cell in pixels: Wan's 832 x 480 halved, 16 x 16 toy clips upscaled
 LABEL_CHARS = 60  # prompt characters in a grid label; index.json holds the whole prompt
 # The files this module writes into a samples folder; only these are removed when it is rewritten.
-OWN_FILE = re.compile(r"p\d+_s-?\d+\.mp4|grid\.mp4|index\.json")
+OWN_FILE = re.compile(r"p\d+_s-?\d+\.(mp4|png)|grid\.(mp4|png)|index\.json")
 
 
 def read_eval_prompts(path: str) -> list[str]:
@@ -82,14 +86,18 @@ class ValidationVideos:
     def student(self, method, generator, step: int, weights: str, tracker) -> None:
         """The generator's videos at `step` (called on every rank; `weights`: "ema" or "generator")."""
 
+        image = is_image_student(generator)
+
         def make(item: Item) -> torch.Tensor:
             # one video per rollout: at Wan size the KV cache of a 21-frame clip is several GB a sample
             rng = SampleRNG([item.noise_key], method.device)
+            if image:
+                return sample_images(method, generator, [item.prompt], rng)[1][0]
             return sample_with(method, generator, [item.prompt], self.num_frames, rng)[0]
 
         folder = self.root / f"step_{step:06d}"
         self._generate(folder, make, f"step {step} ({weights})", {"step": step, "weights": weights}, tracker, step,
-                       "samples")
+                       "samples", image)
 
     # ------------------------------------------------------------------ the teacher
     def teacher_settings(self, method) -> dict:
@@ -147,11 +155,13 @@ class ValidationVideos:
 
         title = f"teacher: {ev.teacher_steps} Euler steps, CFG {guidance:g}"
         record = {"step": step, "settings": self.teacher_settings(method)}
-        self._generate(self.root / "teacher", make, title, record, tracker, step, "teacher_samples")
+        self._generate(self.root / "teacher", make, title, record, tracker, step, "teacher_samples",
+                       is_image_student(method.generator))
 
     # ------------------------------------------------------------------ writing
-    def _generate(self, folder: Path, make, title: str, record: dict, tracker, step: int, key: str) -> None:
-        """make(item) on every rank; rank 0 writes each mp4 as it comes, then the grid and index.json."""
+    def _generate(self, folder: Path, make, title: str, record: dict, tracker, step: int, key: str,
+                  image: bool = False) -> None:
+        """make(item) on every rank; rank 0 writes each mp4 (image: png) as it comes, then the grid and index.json."""
         if self.write:
             folder.mkdir(parents=True, exist_ok=True)
             for old in folder.iterdir():  # a re-run of this step, or other prompts: no stale videos stay beside the new
@@ -162,18 +172,29 @@ class ValidationVideos:
             clip = make(item)  # [F, C, H, W] in [-1, 1]
             if not self.write:
                 continue
-            path = write_video(folder / f"{name}.mp4", to_uint8(clip), fps=self.cfg.eval.fps)
-            tracker.log_video(path, f"{key}/{name}", step)
+            if image:  # the paths are in index.json (the tracker logs videos)
+                path = write_png(folder / f"{name}.png", to_uint8(clip)[0])
+            else:
+                path = write_video(folder / f"{name}.mp4", to_uint8(clip), fps=self.cfg.eval.fps)
+                tracker.log_video(path, f"{key}/{name}", step)
             cells.append(grid_cell(clip))
             prompt = item.prompt if len(item.prompt) <= LABEL_CHARS else item.prompt[: LABEL_CHARS - 3] + "..."
             labels.append(f"{name}: {prompt}")
             items.append({"file": path.name, "prompt": item.prompt, "seed": item.seed, "index": item.index})
+            beside = self.root / "teacher" / f"{name}.png"
+            if image and key == "samples" and self.cfg.eval.teacher and beside.is_file():  # the teacher's, side by side
+                cells.append(grid_cell(read_png(beside)[None]))
+                labels.append(f"{name}: teacher")
         if not self.write:
             return
         upscale = max(1, GRID_CELL // max(cells[0].shape[-2:]))
-        grid = grid_video(torch.stack(cells), labels, upscale=upscale, columns=len(self.seeds), title=title)
-        path = write_video(folder / "grid.mp4", grid, fps=self.cfg.eval.fps)
-        tracker.log_video(path, f"{key}/grid", step)
+        columns = len(self.seeds) * (len(cells) // len(items))
+        grid = grid_video(torch.stack(cells), labels, upscale=upscale, columns=columns, title=title)
+        if image:
+            path = write_png(folder / "grid.png", grid[0])
+        else:
+            path = write_video(folder / "grid.mp4", grid, fps=self.cfg.eval.fps)
+            tracker.log_video(path, f"{key}/grid", step)
         index = {**record, "num_frames": self.num_frames, "fps": self.cfg.eval.fps, "grid": path.name, "items": items}
         tmp = folder / ".index.partial.json"
         tmp.write_text(json.dumps(index, indent=2, ensure_ascii=False))

@@ -282,6 +282,10 @@ class WanDiT(WanTransformer3DModel):
                 f"rope_max_seq_len={cfg.rope_max_seq_len}"
             )
 
+    def _patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, F, C, H, W] -> [B, F*h*w, D] tokens, frame-major (the 3-D patch embedding)."""
+        return self.patch_embedding(x.permute(0, 2, 1, 3, 4)).flatten(2).transpose(1, 2).contiguous()
+
     def _rope(self, frame_offset: int, frames: int, height: int, width: int, device):
         """cos, sin: [F*h*w, 1, head_dim/2] float32 at absolute frame positions."""
         rope = self.rope
@@ -375,7 +379,7 @@ class WanDiT(WanTransformer3DModel):
             timestep = timestep[:, None].expand(batch, frames)
 
         # 1. Patchify: [B, F, C, H, W] -> [B, F*h*w, D], frame-major tokens
-        tokens = self.patch_embedding(x.permute(0, 2, 1, 3, 4)).flatten(2).transpose(1, 2).contiguous()
+        tokens = self._patchify(x)
 
         # 2. Per-frame time embedding (temb [B, F, D]) and its modulation (e [B, F, 6, D])
         embedder = self.condition_embedder
@@ -469,3 +473,43 @@ def _save_attention_policy(ctx, op, *args, **kwargs):
 
 def _save_attention_context():
     return create_selective_checkpoint_contexts(_save_attention_policy)
+
+
+class WanImageDiT(WanDiT):
+    """Wan's DiT for single images (an image student distilled from a video teacher: model/image_kd.py).
+
+    The same blocks, text and time embeddings and output head as WanDiT (its config and diffusers-format
+    folders), with the two video parts removed:
+    - a 2-D patch embedding (`nn.Conv2d`, weight [D, C, p_h, p_w]) instead of the 3-D one;
+    - no temporal RoPE axis: tokens are rotated along height and width only, and Wan's temporal channel
+      group of each head is left unrotated, as Wan's own rotation leaves it at frame 0.
+    Input is one frame, x [B, 1, C, H, W] (the Wan call, so methods and samplers need no special case);
+    more frames, `causal=` and `kv_cache=` are errors: there is no time axis and no time-causal machinery.
+    On one frame it computes what a WanDiT with the same weights computes (the 3-D kernel read as 2-D).
+    """
+
+    @functools.wraps(WanTransformer3DModel.__init__)  # keeps the signature that ConfigMixin reads
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _, p_h, p_w = self.config.patch_size
+        dim = self.config.num_attention_heads * self.config.attention_head_dim
+        self.patch_embedding = torch.nn.Conv2d(self.config.in_channels, dim, kernel_size=(p_h, p_w), stride=(p_h, p_w))
+
+    def _check_input(self, x, timestep, context, causal, kv_cache, frame_offset):
+        if causal is not None or kv_cache is not None:
+            raise ValueError("WanImageDiT makes single images: it has no block-causal (causal=) or KV-cache (kv_cache=) mode")
+        if x.ndim == 5 and x.shape[1] != 1:
+            raise ValueError(f"WanImageDiT makes single images: x must be [B, 1, C, H, W], got num_frames={x.shape[1]}")
+        super()._check_input(x, timestep, context, causal, kv_cache, frame_offset)
+
+    def _patchify(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [B, 1, C, H, W] -> [B, h*w, D]
+        return self.patch_embedding(x[:, 0]).flatten(2).transpose(1, 2).contiguous()
+
+    def _rope(self, frame_offset: int, frames: int, height: int, width: int, device):
+        """cos, sin: [h*w, 1, head_dim/2], rotations along height and width; the temporal channel pairs are
+        not rotated (cos 1, sin 0): no frame position exists."""
+        cos, sin = super()._rope(0, 1, height, width, device)
+        pairs = self.rope.t_dim // 2
+        cos[..., :pairs], sin[..., :pairs] = 1.0, 0.0
+        return cos, sin
