@@ -2,7 +2,8 @@
 FSDP2, then filled shard by shard from the weight files, equal bit for bit to the old path (every rank
 loads whole networks, then shards them) on 2 gloo ranks: the teacher, a generator read from an
 original-Wan-named file, a LoRA critic copied from the teacher (base and adapters), the UMT5 text
-encoder (in from_pretrained's dtypes), and an int8 teacher (not sharded: the same int8 data and scales).
+encoder (in from_pretrained's dtypes, its tied embedding kept), and an int8 teacher and text encoder (not
+sharded: the same int8 data and scales).
 Each rank holds only its rows, and the forwards agree."""
 
 import os
@@ -60,7 +61,8 @@ def worker(rank, world, port, folder, generator_init, out):
     for precision in ("null", "int8"):
         for mode, overrides in MODES.items():
             cfg = wan_config(folder, "model.dtype=bfloat16", f"model.generator_init={generator_init}",
-                             "model.lora.critic.rank=4", f"model.precision.teacher={precision}", *overrides)
+                             "model.lora.critic.rank=4", f"model.precision.teacher={precision}",
+                             f"model.precision.text_encoder={precision}", *overrides)
             seed_everything(0, 0)  # as the trainer does before building
             method = build_method(cfg, torch.device("cpu"), mesh)
             nets = {"teacher": method.real_score, "generator": method.generator, "critic": method.fake_score,
@@ -106,8 +108,11 @@ def test_sharded_load_equals_eager_load(ranks, precision):
     assert len(adapters) == 2 * 2 * 2 * 4  # A, B x 2 attentions x 2 blocks x q k v o
     assert all(v.abs().max() == 0 for k, v in adapters.items() if ".lora_B." in k)
     assert all(v.abs().max() > 0 for k, v in adapters.items() if ".lora_A." in k)
-    # the text encoder in bf16 throughout, as transformers' from_pretrained gives it (T5's `wo` stays float32 for fp16 only)
+    # the text encoder in bf16 throughout, as transformers' from_pretrained gives it (T5's `wo` stays float32 for fp16 only),
+    # its embedding tied to `shared` (int8: quantised layer by layer as they load, which must keep the tie)
     assert set(sharded["dtypes"]["text_encoder"].values()) == {torch.bfloat16}
+    te = sharded["weights"]["text_encoder"]
+    assert torch.equal(te["model.shared.weight"], te["model.encoder.embed_tokens.weight"])
 
 
 @pytest.mark.parametrize("precision", ["null", "int8"])
@@ -115,8 +120,10 @@ def test_each_rank_holds_only_its_shards_and_forwards_agree(ranks, precision):
     for rank in ranks:
         eager, sharded = rank[precision, "eager"], rank[precision, "sharded"]
         assert torch.equal(eager["forward"], sharded["forward"]) and torch.equal(eager["context"], sharded["context"])
-        for net in ("generator", "critic", "text_encoder") + (("teacher",) if precision == "null" else ()):
-            assert 0.45 < sharded["fraction"][net] < 0.6, (net, sharded["fraction"][net])  # about half, with padding
-        if precision == "int8":  # torchao's tensors cannot be sharded: each rank holds the whole int8 teacher
-            assert sharded["fraction"]["teacher"] == 1.0
+        quantised = ("teacher", "text_encoder") if precision == "int8" else ()
+        for net in NETWORKS:
+            if net in quantised:  # torchao's tensors cannot be sharded: each rank holds the whole int8 network
+                assert sharded["fraction"][net] == 1.0, net
+            else:
+                assert 0.45 < sharded["fraction"][net] < 0.6, (net, sharded["fraction"][net])  # about half, with padding
     assert torch.equal(ranks[0][precision, "sharded"]["forward"], ranks[1][precision, "sharded"]["forward"])

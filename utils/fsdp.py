@@ -223,13 +223,24 @@ def materialize(module: nn.Module, device: torch.device, tensors, after=None) ->
         for names in loader.groups:
             loader.fill(names[0])
     else:
+        # one tensor at a time, by identity: Module.to_empty gives each module its own new parameter, which
+        # would untie weights shared between modules (UMT5's shared / embed_tokens) and leave one unfilled
+        made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(meta tensor) -> (it, its replacement)
         for prefix, sub in module.named_modules():  # a shared submodule once: `after` must not quantise it twice
-            own = [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]
-            if any(t.is_meta for _, t in own):
-                sub.to_empty(device=device, recurse=False)
-            for leaf, _ in own:
+            for table in (sub._parameters, sub._buffers):
+                for leaf, t in list(table.items()):
+                    if t is None or not t.is_meta:
+                        continue
+                    if id(t) not in made:
+                        empty = torch.empty_like(t, device=device)
+                        made[id(t)] = (t, nn.Parameter(empty, t.requires_grad) if isinstance(t, nn.Parameter) else empty)
+                    table[leaf] = made[id(t)][1]
+            for leaf, _ in [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]:
                 loader.fill(f"{prefix}.{leaf}" if prefix else leaf)
             after(sub)
     for name, value in real.items():  # to_empty left them uninitialised
         module.get_buffer(name).copy_(value.to(device))
+    for names in loader.groups:  # the ties as built: an untied copy would hold uninitialised memory
+        if len(names) > 1 and len({id(loader._tensor(n)) for n in names}) != 1:
+            raise RuntimeError(f"materialize untied the shared weights {names}")
     return loader.result()
