@@ -214,11 +214,11 @@ def materialize(module: nn.Module, device: torch.device, tensors, after=None) ->
 
     after(submodule): called on each submodule once its own tensors are filled; the submodules are then
     allocated one by one, so a network that `after` quantises (engine/quantize.py) never holds all of
-    its weights at full precision at once. Without it the module is allocated whole (FSDP2 re-registers
-    its shards then)."""
+    its weights at full precision at once. A sharded module without `after` is allocated whole by
+    FSDP2's to_empty, which re-registers its shards."""
     real = {name: b for name, b in module.named_buffers() if not b.is_meta}
     loader = _Loader(module, tensors)
-    if after is None:
+    if after is None and isinstance(module, FSDPModule):  # FSDP2 re-registers its shards in its to_empty
         module.to_empty(device=device)
         for names in loader.groups:
             loader.fill(names[0])
@@ -229,6 +229,8 @@ def materialize(module: nn.Module, device: torch.device, tensors, after=None) ->
         for prefix, sub in module.named_modules():  # a shared submodule once: `after` must not quantise it twice
             for table in (sub._parameters, sub._buffers):
                 for leaf, t in list(table.items()):
+                    if t is not None and not t.is_meta and table is sub._buffers:
+                        table[leaf] = t.to(device)  # a buffer computed at build (RoPE tables): moved as it is
                     if t is None or not t.is_meta:
                         continue
                     if id(t) not in made:
@@ -237,9 +239,10 @@ def materialize(module: nn.Module, device: torch.device, tensors, after=None) ->
                     table[leaf] = made[id(t)][1]
             for leaf, _ in [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]:
                 loader.fill(f"{prefix}.{leaf}" if prefix else leaf)
-            after(sub)
-    for name, value in real.items():  # to_empty left them uninitialised
-        module.get_buffer(name).copy_(value.to(device))
+            if after is not None:
+                after(sub)
+    for name, value in real.items():  # FSDP2's to_empty left them uninitialised
+        module.get_buffer(name).copy_(value)
     for names in loader.groups:  # the ties as built: an untied copy would hold uninitialised memory
         if len(names) > 1 and len({id(loader._tensor(n)) for n in names}) != 1:
             raise RuntimeError(f"materialize untied the shared weights {names}")
