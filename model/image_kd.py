@@ -39,7 +39,7 @@ from pipeline.rollout import denoise_steps
 from utils.distributed import log0
 
 WIDTH_RULES = ("truncate",)
-KD_INPUTS = ("student", "noise")
+KD_INPUTS = ("student", "teacher", "noise")
 
 
 def uniform_steps(n: int) -> list[float]:
@@ -352,11 +352,11 @@ class ImageKD(DMD):
                 latents = self.vae.encode(batch["video"].to(self.device))
         elif self.cfg.kd_input == "noise":
             return None
-        else:
+        else:  # the student's or the teacher's own sample
+            net = self.generator if self.cfg.kd_input == "student" else self.teacher_flow
             noise = self.rng.randn((context.shape[0], *expected))
             with torch.no_grad():
-                return sample_image(self.generator, noise, context, self.kd_steps, schedule=self.kd_schedule,
-                                    rng=self.rng)
+                return sample_image(net, noise, context, self.kd_steps, schedule=self.kd_schedule, rng=self.rng)
         if tuple(latents.shape[1:]) != expected:
             raise ValueError(f"image latents of shape {tuple(latents.shape[1:])}, expected [1, C, H, W] = {list(expected)} "
                              "(one frame of model.latent_shape)")

@@ -1,0 +1,260 @@
+"""The image student and method=image_kd (model/image_kd.py) on the tiny random Wan folder: WanImageDiT's one-frame
+forward (no temporal RoPE, the video DiT's numbers), its diffusers-format round trip, the KD loss and gradient against
+the formula, a few KD steps lowering the loss, sample PNGs beside the teacher's and inference PNGs, KD then DMD in one
+run, and one-line errors for frames an image student cannot make."""
+
+import json
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.errors import InstantiationException
+from safetensors.torch import load_file
+
+import engine.inference as inference
+import train
+from engine.build import build_method
+from engine.config import validate
+from engine.student import group_overrides
+from model.image_kd import ImageKD, ImageKDDMD
+from model.wan.transformer import WanDiT, WanImageDiT
+from model.wan.weights import load_backbone
+from tests.train_setup import CONFIGS, compose_config
+from tests.wan_folder import TRANSFORMER, Z_DIM, tiny_wan_folder  # noqa: F401  (session fixture)
+from tests.wan_tiny import randomize
+
+PROMPTS = ["a red circle moving left", "the blue car moving right", "a dog in the forest"]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _quiet(monkeypatch):
+    torch.set_num_threads(1)
+    for var in ("WAN_1_3B_PATH", "PROMPTS_PATH", "LATENTS_PATH"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def prompt_file(tmp_path: Path, prompts=PROMPTS) -> Path:
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(prompts) + "\n")
+    return path
+
+
+def kd_overrides(folder: Path, tmp_path: Path, *more: str, preset: str = "image_kd") -> list[str]:
+    """The preset on the tiny folder: a 1-block student of the 2-block teacher, 4 x 4 latents (32 x 32 pixels)."""
+    backbone = dict(TRANSFORMER, num_layers=1, patch_size=list(TRANSFORMER["patch_size"]))
+    node = "{" + ",".join(f"{k}:{v}" for k, v in backbone.items()).replace("'", "").replace(" ", "") + "}"
+    return [f"experiment={preset}", f"model.path={folder}", f"model.backbone={node}", "model.dtype=float32",
+            f"model.latent_shape=[{Z_DIM},4,4]", "model.text_encoder.text_len=16", "device=cpu",
+            f"data.prompts.path={prompt_file(tmp_path)}", "method.negative_prompt=the", "batch_size=2",
+            "max_steps=2", "checkpoint.every=0", "eval.every=0", "eval.at_start=false", *more]
+
+
+def kd_config(folder, tmp_path, *more, preset="image_kd"):
+    return compose_config(*kd_overrides(folder, tmp_path, *more, preset=preset), tiny=False)
+
+
+# ---------------------------------------------------------------------------- the network
+def test_the_image_student_is_the_video_dit_on_one_frame_without_a_temporal_rope_axis():
+    video = randomize(WanDiT(**TRANSFORMER), 3).eval()
+    image = WanImageDiT(**TRANSFORMER).eval()
+    state = video.state_dict()
+    state["patch_embedding.weight"] = state["patch_embedding.weight"][:, :, 0]
+    image.load_state_dict(state)
+    assert isinstance(image.patch_embedding, torch.nn.Conv2d) and image.patch_embedding.weight.ndim == 4
+    # RoPE: height and width rotate, the temporal channel pairs do not (cos 1, sin 0), at every call
+    cos, sin = image._rope(0, 1, 3, 5, CPU)
+    pairs = image.rope.t_dim // 2
+    assert pairs == 2 and cos.shape == (15, 1, 4)
+    assert torch.equal(cos[..., :pairs], torch.ones_like(cos[..., :pairs])) and not sin[..., :pairs].any()
+    assert (sin[..., pairs:] != 0).any()  # the spatial axes do rotate
+    assert all(torch.equal(a, b) for a, b in zip((cos, sin), video._rope(0, 1, 3, 5, CPU)))  # Wan at frame 0
+    gen = torch.Generator().manual_seed(0)
+    x, context = torch.randn(2, 1, Z_DIM, 6, 10, generator=gen), torch.randn(2, 7, 16, generator=gen)
+    t = torch.tensor([[250.0], [900.0]])
+    with torch.no_grad():
+        want, got = video(x, t, context), image(x, t, context)
+    assert got.shape == x.shape and (got - want).abs().max().item() <= 1e-6 * want.abs().max().item()
+
+
+def test_the_image_student_refuses_frames_and_time_causal_calls():
+    from model.wan.attention import CausalPattern
+    from model.wan.kv_cache import KVCache
+
+    net = WanImageDiT(**TRANSFORMER).eval()
+    x, t, context = torch.randn(1, 2, Z_DIM, 4, 4), torch.full((1, 2), 500.0), torch.randn(1, 3, 16)
+    with pytest.raises(ValueError, match=r"^WanImageDiT makes single images: x must be \[B, 1, C, H, W\], got num_frames=2$"):
+        net(x, t, context)
+    with pytest.raises(ValueError, match=r"no block-causal \(causal=\) or KV-cache \(kv_cache=\) mode"):
+        net(x[:, :1], t[:, :1], context, causal=CausalPattern(1))
+    cache = KVCache.for_model(WanDiT(**TRANSFORMER), CausalPattern(1), batch_size=1, latent_hw=(4, 4), max_frames=1)
+    with pytest.raises(ValueError, match=r"no block-causal"):
+        net(x[:, :1], t[:, :1], context, kv_cache=cache)
+
+
+def test_export_and_load_round_trip_in_diffusers_format(tmp_path):
+    net = randomize(WanImageDiT(**TRANSFORMER), 4).eval()
+    net.save_pretrained(tmp_path / "student")
+    config = json.loads((tmp_path / "student" / "config.json").read_text())
+    assert config["_class_name"] == "WanImageDiT" and config["num_layers"] == 2
+    weights = load_file(tmp_path / "student" / "diffusion_pytorch_model.safetensors")
+    assert weights["patch_embedding.weight"].shape == (16, Z_DIM, 2, 2)  # 2-D, diffusers' names
+    x, t, context = torch.randn(1, 1, Z_DIM, 4, 6), torch.tensor([300.0]), torch.randn(1, 3, 16)
+    for loaded in (WanImageDiT.from_pretrained(tmp_path / "student"), load_backbone(tmp_path / "student", cls=WanImageDiT)):
+        assert isinstance(loaded, WanImageDiT)
+        with torch.no_grad():
+            assert torch.equal(loaded.eval()(x, t, context), net(x, t, context))
+
+
+# ---------------------------------------------------------------------------- the loss
+def test_the_kd_loss_and_its_gradient_follow_the_formula(tiny_wan_folder, tmp_path):
+    """L = mean (v_s(x_t) - [v_c + g (v_c - v_u)](x_t))^2, x_t = (1 - s) x0 + s eps, for each source of x0; the
+    teacher gets no gradient; the student's gradient is the formula's."""
+    batch = {"prompts": PROMPTS[:2]}
+    for kd_input in ("noise", "student", "teacher", "latents"):
+        cfg = kd_config(tiny_wan_folder, tmp_path, f"method.kd_input={'noise' if kd_input == 'latents' else kd_input}",
+                        "method.guidance_scale=2.5")
+        torch.manual_seed(0)
+        method = build_method(cfg, CPU)
+        if kd_input == "latents":
+            batch = {"prompts": PROMPTS[:2], "latents": torch.randn(2, 1, Z_DIM, 4, 4)}
+        method.reseed(0, 3, "kd", [6, 7])
+        loss, logs = method.kd_loss(batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in method.generator.named_parameters()}
+        assert all(p.grad is None for p in method.real_score.parameters())
+        method.generator.zero_grad(set_to_none=True)
+        # by hand, from the same draws
+        method.reseed(0, 3, "kd", [6, 7])
+        context, negative = method.encode(batch["prompts"]), method.encode(["the"]).expand(2, -1, -1)
+        x0 = None
+        if kd_input in ("student", "teacher"):
+            noise0 = method.rng.randn((2, 1, Z_DIM, 4, 4))
+            net = method.generator if kd_input == "student" else (
+                lambda x, t, c: method.real_score(x, t, c) + 2.5 * (method.real_score(x, t, c) - method.real_score(x, t, negative)))
+            x, sigmas = noise0, [s / 1000 for s in method.kd_steps] + [0.0]
+            with torch.no_grad():
+                for s, s_next in zip(sigmas[:-1], sigmas[1:]):  # Euler on the flow
+                    x = x + (s_next - s) * net(x, torch.full((2, 1), s * 1000), context)
+            x0 = x
+        elif kd_input == "latents":
+            x0 = batch["latents"]
+        t = method.score_timestep(2, 1, None)
+        assert t.shape == (2, 1) and 20 <= t.min() and t.max() <= 980
+        eps = method.rng.randn((2, 1, Z_DIM, 4, 4))
+        x_t = eps if x0 is None else (1 - t[..., None, None, None] / 1000) * x0 + t[..., None, None, None] / 1000 * eps
+        with torch.no_grad():
+            v_c, v_u = method.real_score(x_t, t, context), method.real_score(x_t, t, negative)
+        target = v_c + 2.5 * (v_c - v_u)
+        hand = ((method.generator(x_t, t, context) - target) ** 2).mean()
+        assert abs(hand.item() - loss.item()) <= 1e-5 * hand.item(), kd_input
+        assert logs["kd_loss"].item() == loss.item() and logs["kd_timestep"].item() == pytest.approx(t.mean().item())
+        hand.backward()
+        worst = max((p.grad - grads[n]).abs().max().item() for n, p in method.generator.named_parameters())
+        assert worst <= 1e-5 * max(g.abs().max().item() for g in grads.values()), kd_input
+
+
+def heldout_loss(method: ImageKD) -> float:
+    """The KD loss on fixed draws no training step makes (step 10**6), prompts of the file."""
+    method.reseed(123, 10**6, "kd", [0, 1, 2])
+    with torch.no_grad():
+        return method.kd_loss({"prompts": PROMPTS})[0].item()
+
+
+def test_a_few_kd_steps_lower_the_kd_loss(tiny_wan_folder, tmp_path):
+    cfg = kd_config(tiny_wan_folder, tmp_path, "max_steps=30", "batch_size=3", "ema_weight=0",
+                    "optim.generator.lr=3e-3", "optim.generator.weight_decay=0")
+    validate(cfg)
+    torch.manual_seed(cfg.seed)
+    method = build_method(cfg, CPU)
+    before = heldout_loss(method)
+    train.train(cfg, tmp_path / "run")
+    method.generator.load_state_dict(load_file(tmp_path / "run" / "checkpoints" / "step_000030" / "export" / "model.safetensors"))
+    after = heldout_loss(method)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if "kd_loss" in line]
+    assert [r["step"] for r in rows] == [10, 20, 30]
+    # measured: 0.320 before (the projected 1-block student of the 2-block teacher), 0.046 after 30 steps
+    assert before == pytest.approx(0.320, abs=0.01) and after == pytest.approx(0.046, abs=0.01), (before, after)
+    assert after < 0.2 * before
+
+
+# ---------------------------------------------------------------------------- images
+def test_training_writes_sample_pngs_beside_the_teachers_and_inference_writes_pngs(tiny_wan_folder, tmp_path):
+    (tmp_path / "eval").mkdir()
+    evals = prompt_file(tmp_path / "eval", PROMPTS[:2])
+    cfg = kd_config(tiny_wan_folder, tmp_path, f"eval.prompts={evals}", "eval.seeds=[0,1]", "eval.every=1",
+                    "eval.teacher_steps=3", "max_steps=1", "ema_start_step=0")
+    run = tmp_path / "run"
+    train.train(cfg, run)
+    names = ["p00_s0.png", "p00_s1.png", "p01_s0.png", "p01_s1.png"]
+    for folder in ("teacher", "step_000001"):
+        index = json.loads((run / "samples" / folder / "index.json").read_text())
+        assert [it["file"] for it in index["items"]] == names and index["grid"] == "grid.png"
+        for name in names:
+            assert iio.imread(run / "samples" / folder / name).shape == (32, 32, 3)  # 4 x 4 latents, the VAE's 8x
+        assert not list((run / "samples" / folder).glob("*.mp4"))
+    # the grid: each student image beside the teacher's (4 columns: 2 seeds x [student, teacher]), 2 prompts
+    grid = iio.imread(run / "samples" / "step_000001" / "grid.png")
+    cell = 416  # engine/validation.py GRID_CELL: 32 px upscaled 13x
+    assert grid.shape[1] == 4 * (cell + 4) + 4 and grid.shape[0] > 2 * cell
+    teacher_grid = iio.imread(run / "samples" / "teacher" / "grid.png")
+    assert teacher_grid.shape[1] == 2 * (cell + 4) + 4
+    # inference.py on the export: PNGs and index.json, the validation images themselves (same noise keys)
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        icfg = compose("inference", overrides=["device=cpu", f"checkpoint={run}", f"prompts={evals}", "seed=[0,1]",
+                                               "batch_size=1"])  # validation's batches of one: the same arithmetic
+    index = inference.run(icfg, tmp_path / "out", group_overrides([]))
+    files = [it["file"] for it in index["items"]]
+    assert index["format"] == "png" and index["num_frames"] == 1 and len(files) == 4
+    assert all(f.endswith(".png") for f in files) and (tmp_path / "out" / "index.json").is_file()
+    for produced, validated in zip(files, names):
+        a, b = iio.imread(tmp_path / "out" / produced), iio.imread(run / "samples" / "step_000001" / validated)
+        assert a.shape == (32, 32, 3) and np.array_equal(a, b)
+    # a second inference into the same folder finds the earlier PNGs
+    assert sorted(p.name for p in inference.earlier_run(tmp_path / "out")) == sorted(files + ["index.json"])
+
+
+def test_kd_then_dmd_in_one_run(tiny_wan_folder, tmp_path):
+    cfg = kd_config(tiny_wan_folder, tmp_path, "method.kd_steps=1", "dfake_gen_update_ratio=1", "max_steps=2",
+                    "method.denoising_step_list=[1000,500]", "logger.every=1", preset="image_kd_dmd")
+    validate(cfg)
+    assert cfg.method._target_ == "model.image_kd.ImageKDDMD" and cfg.method.renoise == "fresh"
+    train.train(cfg, tmp_path / "run")
+    rows = {r["step"]: r for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines()) if "step" in r}
+    assert "kd_loss" in rows[1] and "generator_loss" not in rows[1]  # step 0: KD
+    assert {"generator_loss", "critic_loss"} <= set(rows[2]) and "kd_loss" not in rows[2]  # step 1: DMD
+    assert issubclass(ImageKDDMD, ImageKD) and "critic" in ImageKDDMD.networks and "critic" not in ImageKD.networks
+
+
+# ---------------------------------------------------------------------------- errors
+def test_frames_an_image_student_cannot_make_are_one_line_errors(tiny_wan_folder, tmp_path):
+    for key, value in (("num_training_frames", 3), ("num_frame_per_block", 3), ("max_num_frames", 2)):
+        with pytest.raises(ValueError, match=rf"^method.{key}={value}: an image student makes one") as error:
+            validate(kd_config(tiny_wan_folder, tmp_path, f"method.{key}={value}"))
+        assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match=r"method.teacher_blocks=\[0, 9\]") as error:
+        build_method(kd_config(tiny_wan_folder, tmp_path, "model.backbone.num_layers=2", "method.teacher_blocks=[0,9]"), CPU)
+    assert "block 9 is out of range; the teacher has blocks 0..1" in str(error.value)
+    with pytest.raises(ValueError, match=r"num_attention_heads=4 is wider than the teacher's 2"):
+        build_method(kd_config(tiny_wan_folder, tmp_path, "model.backbone.num_attention_heads=4"), CPU)
+    with pytest.raises(ValueError, match=r"model.generator_init=.* and method.project_init=true both say"):
+        build_method(kd_config(tiny_wan_folder, tmp_path, f"model.generator_init={tiny_wan_folder}"), CPU)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(InstantiationException, match=r"prompt file .*empty.txt holds no prompts"):  # Hydra's wrapper
+        train.train(kd_config(tiny_wan_folder, tmp_path, f"data.prompts.path={empty}"), tmp_path / "empty_run")
+    # inference: an image student asked for frames
+    cfg = kd_config(tiny_wan_folder, tmp_path, "max_steps=1")
+    train.train(cfg, tmp_path / "run")
+    for bad, message in (("num_frames=3", r"^num_frames=3: this checkpoint is an image student \(WanImageDiT\), which "
+                                          r"makes one frame; leave num_frames unset \(or 1\)$"),
+                         ("duration=2", r"image student \(WanImageDiT\), which makes single images: timelines")):
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            icfg = compose("inference", overrides=["device=cpu", f"checkpoint={tmp_path / 'run'}", "prompts=[a cat]", bad])
+        with pytest.raises(ValueError, match=message):
+            inference.run(icfg, tmp_path / "out_bad", group_overrides([]))
+        assert not (tmp_path / "out_bad").exists()
