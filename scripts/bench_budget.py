@@ -16,10 +16,12 @@ One command on the GPU machine (random weights, written under --root first; abou
    memory allocated. Loading needs no collective, so ranks may share a GPU. `--startup-configs
    teacher14b_lora_int8 --ranks 1 --parts startup` measures the 14B int8 teacher's start-up (about 4 more
    minutes: the old path builds it in float32 on the host first).
-3. Training (scripts/bench_train.py, one GPU, one process each): generator and critic steps at exit step 3
+3. Precision: the 1.3B teacher's flow on one fixed 21-frame clip stored in fp32, bf16, int8 and fp8 (on a GPU
+   with fp8): relative errors against bf16 and fp32.
+4. Training (scripts/bench_train.py, one GPU, one process each): generator and critic steps at exit step 3
    (the longest rollout) of experiment=self_forcing_dmd with full fine-tuning, with LoRA rank 128 student and
    critic, with LoRA + int8 teacher and text encoder, and model=wan2.1_t2v_1.3b_teacher14b (the 14B teacher)
-   with LoRA + int8. Compiled blocks and element-wise kernels are off (model.compile_blocks /
+   with LoRA + int8 (`--configs lora_fp8` adds fp8). Compiled blocks and element-wise kernels are off (model.compile_blocks /
    fused_elementwise=false) to keep the run short: compiling takes about a minute per configuration and
    changes step time, not memory (docs/performance.md has the compiled step times).
 
@@ -58,6 +60,7 @@ UMT5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, 
 PROMPTS = ["a red circle moving left", "the blue car moving right slowly", "a dog in the forest at sunset",
            "a white cat on the street"]
 LORA = ["model.lora.generator.rank=128", "model.lora.critic.rank=128"]
+DEFAULT_CONFIGS = ("full", "lora", "lora_int8", "teacher14b_lora_int8")
 INT8 = ["model.precision.teacher=int8", "model.precision.text_encoder=int8"]
 
 
@@ -225,6 +228,49 @@ def startup(overrides: list[str], ranks: int, device_type: str, work: Path) -> d
     return result
 
 
+# ---------------------------------------------------------------- int8 / fp8 against bf16
+def precision_worker(rank: int, folder: str, device_type: str, tiny: bool, out: Path) -> None:
+    """The 1.3B teacher's flow on one fixed clip (21 latent frames of 60 x 104, random text of 512 x 4096;
+    tiny: the tiny folder's shapes) stored in fp32, bf16, int8 and (on a GPU with fp8) fp8: relative errors."""
+    from engine.quantize import FP8_CAPABILITY, set_precision
+    from model.wan.weights import load_backbone
+
+    device = torch.device(device_type)
+    g = torch.Generator().manual_seed(0)
+    shape, text = ((1, 2, 4, 4, 4), (1, 16, 16)) if tiny else ((1, 21, 16, 60, 104), (1, 512, 4096))
+    x = torch.randn(shape, generator=g).to(device)
+    t = torch.full(shape[:2], 500.0, device=device)
+    context = torch.randn(text, generator=g).to(device)
+    reference = load_backbone(folder).to(device).eval().requires_grad_(False)
+    with torch.no_grad():
+        flows = {"fp32": reference(x, t, context).float()}
+        reference.to(torch.bfloat16)
+        flows["bf16"] = reference(x, t, context).float()
+        kinds = ["int8"] + (["fp8"] if device.type == "cuda" and torch.cuda.get_device_capability(device) >= FP8_CAPABILITY else [])
+        for kind in kinds:
+            model = load_backbone(folder).to(device=device, dtype=torch.bfloat16).eval().requires_grad_(False)
+            flows[kind] = set_precision(model, "teacher", kind)(x, t, context).float()
+            del model
+
+    def rel(a, b):
+        return round(((flows[a] - flows[b]).norm() / flows[b].norm()).item(), 5)
+
+    result = {"bf16_vs_fp32": rel("bf16", "fp32"), **{f"{k}_vs_bf16": rel(k, "bf16") for k in kinds},
+              **{f"{k}_vs_fp32": rel(k, "fp32") for k in kinds}}
+    (out / "precision.json").write_text(json.dumps(result))
+
+
+def precision(folder: Path, device_type: str, tiny: bool, work: Path) -> dict:
+    import torch.multiprocessing as mp
+
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        mp.spawn(precision_worker, args=(str(folder), device_type, tiny, work), nprocs=1, join=True)
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"}
+    return json.loads((work / "precision.json").read_text())
+
+
 # ---------------------------------------------------------------- training steps
 def train_step(overrides: list[str], work: Path, tiny: bool, timeout: int) -> dict:
     """scripts/bench_train.py at exit step 3 (1 warm-up step, 1 timed, of each kind) in its own process."""
@@ -267,12 +313,15 @@ def configs(paths: dict, tiny: bool) -> dict[str, list[str]]:
         "lora": LORA,
         "lora_int8": LORA + INT8,
         "teacher14b_lora_int8": teacher14b + LORA + INT8,
+        "lora_fp8": LORA + ["model.precision.teacher=fp8", "model.precision.text_encoder=fp8"],  # not in the default run
     }
 
 
 def markdown(result: dict) -> str:
-    lines = ["| start-up (`--ranks %s`) | path | host anon. peak, max / sum over ranks | host file-backed peak, max | "
-             "GPU peak allocated, max / sum | build time |" % result.get("ranks"), "| --- | --- | --- | --- | --- | --- |"]
+    lines = []
+    if result.get("startup"):
+        lines = ["| start-up (`--ranks %s`) | path | host anon. peak, max / sum over ranks | host file-backed peak, max | "
+                 "GPU peak allocated, max / sum | build time |" % result.get("ranks"), "| --- | --- | --- | --- | --- | --- |"]
     for name, modes in result.get("startup", {}).items():
         for mode, r in modes.items():
             if "error" in r:
@@ -282,8 +331,13 @@ def markdown(result: dict) -> str:
                    if "gpu_peak_allocated_gib_max" in r else "")
             lines.append(f"| {name} | {mode} | {r['host_anon_peak_gib_max']:.2f} / {r['host_anon_peak_gib_sum']:.2f} GiB | "
                          f"{r['host_file_peak_gib_max']:.2f} GiB | {gpu} | {r['build_s_max']:.0f} s |")
-    lines += ["", "| training config (one GPU) | generator step | critic step | weights after build | "
-              "peak allocated / reserved |", "| --- | --- | --- | --- | --- |"]
+    if result.get("precision"):
+        lines += ["", "| the 1.3B teacher's flow, relative error | " + " | ".join(result["precision"]) + " |",
+                  "| --- |" + " --- |" * len(result["precision"]),
+                  "| | " + " | ".join(str(v) for v in result["precision"].values()) + " |"]
+    if result.get("training"):
+        lines += ["", "| training config (one GPU) | generator step | critic step | weights after build | "
+                  "peak allocated / reserved |", "| --- | --- | --- | --- | --- |"]
     for name, r in result.get("training", {}).items():
         if "error" in r:
             lines.append(f"| {name} | {r['error']} | | | |")
@@ -302,12 +356,12 @@ def main(argv=None) -> None:
     p.add_argument("--md", default=None, help="also write the tables as markdown here")
     p.add_argument("--tiny", action="store_true", help="the tests' tiny Wan folder on the CPU: checks the script's path")
     p.add_argument("--ranks", type=int, default=2, help="start-up processes (on one GPU they share it)")
-    p.add_argument("--parts", default="startup,training", help="comma-separated: startup, training")
+    p.add_argument("--parts", default="startup,precision,training", help="comma-separated: startup, precision, training")
     p.add_argument("--startup-configs", default="full", help="comma-separated configs whose start-up is measured "
                    "(full: the 1.3B networks; teacher14b_lora_int8: the 14B int8 teacher, whose eager path builds "
                    "it in float32 on the host first: 84 GB per rank, so use --ranks 1)")
-    p.add_argument("--configs", default=None, help="comma-separated training configs (default all: full, lora, "
-                                                   "lora_int8, teacher14b_lora_int8)")
+    p.add_argument("--configs", default=None, help="comma-separated training configs (default: full, lora, lora_int8, "
+                                                   "teacher14b_lora_int8; also lora_fp8)")
     p.add_argument("--layers", type=int, default=None, help="blocks of the random transformers (and text encoder, at "
                    "most 24) instead of the real depths: a start-up check at real widths on a smaller machine")
     p.add_argument("--compile", action="store_true", help="keep compiled blocks and kernels on in the training steps")
@@ -318,8 +372,8 @@ def main(argv=None) -> None:
         unknown = set(filter(None, given.split(","))) - names
         if unknown:
             raise SystemExit(f"{flag}: unknown {sorted(unknown)}; known: {sorted(names)}")
-    if not set(args.parts.split(",")) <= {"startup", "training"}:
-        raise SystemExit(f"--parts {args.parts}: expected startup and / or training")
+    if not set(args.parts.split(",")) <= {"startup", "precision", "training"}:
+        raise SystemExit(f"--parts {args.parts}: expected some of startup, precision, training")
     cuda = torch.cuda.is_available() and not args.tiny
     device = torch.device("cuda" if cuda else "cpu")
     ranks = args.ranks
@@ -340,8 +394,7 @@ def main(argv=None) -> None:
     print(f"folders ready in {result['folders_s']} s: {paths}", flush=True)
     common = common_overrides(paths, args.tiny, args.compile)
     chosen = configs(paths, args.tiny)
-    if args.configs:
-        chosen = {k: v for k, v in chosen.items() if k in args.configs.split(",")}
+    chosen = {k: v for k, v in chosen.items() if k in (args.configs.split(",") if args.configs else DEFAULT_CONFIGS)}
     parts = args.parts.split(",")
     if "startup" in parts:
         result["startup"] = {}
@@ -354,6 +407,11 @@ def main(argv=None) -> None:
                 {m: {k: v for k, v in r.items() if k != "per_rank"} for m, r in result["startup"][name].items()}),
                 flush=True)
             save()
+    if "precision" in parts:
+        t = time.perf_counter()
+        result["precision"] = precision(paths["wan"], device.type, args.tiny, root / "precision")
+        print(f"precision: {time.perf_counter() - t:.0f} s", result["precision"], flush=True)
+        save()
     if "training" in parts:
         result["training"] = {}
         for name, extra in chosen.items():
