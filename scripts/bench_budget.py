@@ -160,8 +160,9 @@ class MemorySampler:
 
 def startup_rank(rank: int, world: int, port: int, overrides: list[str], device_type: str, out: Path) -> None:
     """One rank: build the method on the mesh as the trainer does, recording its memory peaks."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # no LOCAL_RANK: DeviceMesh would move rank r to GPU r, and the ranks may share one GPU
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.pop("LOCAL_RANK", None)
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     from torch.distributed.device_mesh import init_device_mesh
 
