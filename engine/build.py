@@ -206,7 +206,8 @@ def build_networks(cls, cfg: DictConfig, device: torch.device, mesh=None) -> dic
     With a mesh they are also sharded (FSDP2, utils/fsdp.py). With model.sharded_loading, the networks
     read from weight files (teacher, generator / critic inits, the UMT5 text encoder) are built on the
     meta device, sharded there, and each rank then reads only its shards' rows: no rank holds a whole
-    copy, on its GPU or in host memory. Otherwise every rank builds them whole first, as before."""
+    copy, on its GPU or in host memory (int8 / fp8 networks are not sharded: each rank quantises its whole
+    copy layer by layer as it reads it). Otherwise every rank builds them whole first, as before."""
     m = cfg.model
     precision = {name: precision_of(cfg, name) for name in cls.networks}
     for name, net in cls.networks.items():

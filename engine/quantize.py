@@ -5,15 +5,17 @@
 - int8 / fp8: torchao's weight-only quantisation of every nn.Linear (Int8WeightOnlyConfig: symmetric
   int8 per output row with an fp32 scale; Float8WeightOnlyConfig: e4m3 per row). Everything else
   (norms, modulation tables, the patch embedding, embeddings) keeps its dtype and the activations stay
-  in it: the layer multiplies by its dequantised weight. torchao is imported only here, and only
-  when int8 or fp8 is asked for. fp8 needs a GPU with fp8 arithmetic (compute capability 8.9+).
+  in it: the layer multiplies by its dequantised weight. This project imports torchao only here, and
+  only when int8 or fp8 is asked for (transformers and peft import it themselves when it is installed).
+  fp8 needs a GPU with fp8 arithmetic (compute capability 8.9+).
 
 Only frozen networks: a quantised weight takes no AdamW step (torchao's Int8Tensor is not a float
 parameter), so asking it for a trained network is an error naming the key. To train on a budget,
-train LoRA adapters (model.lora.<network>) over a frozen base instead. A quantised critic base
-(QLoRA-style) is not offered: the critic is the 1.3B student's size in every config here (2.6 GB
-in bf16), so int8 would save 1.3 GB of a step that peaks far higher, and the rounding would enter the
-critic's own training signal (its flow-matching loss backpropagates through the base).
+train LoRA adapters (model.lora.<network>) over a frozen base instead. A quantised LoRA base for the
+critic (QLoRA-style) is not offered: the critic is the 1.3B student's size in every config here, even
+beside a 14B teacher (its frozen base: 5.2 GB as the fp32 weights trained networks keep, 1.3 GB in
+int8), a few GB of a step that peaks at tens, while the rounding would enter the critic's own training
+signal (its flow-matching loss backpropagates through the base) and FSDP2 could no longer shard it.
 
 A quantised network is not sharded: FSDP2 cannot split torchao's Int8Tensor (it has no aten.split),
 so each rank holds the whole int8 network. That is the single-GPU budget case int8 is for (a 14B
