@@ -7,7 +7,6 @@ sharded: the same int8 data and scales).
 Each rank holds only its rows, and the forwards agree."""
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
