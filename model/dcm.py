@@ -114,8 +114,10 @@ class DCMConfig(MethodConfig):
     temporal_gap: int = 3  # frames apart of its differences (the reference: 3)
     detail: DetailConfig = field(default_factory=DetailConfig)
     gan: DCMGANConfig = field(default_factory=DCMGANConfig)
-    # MethodConfig's knobs at DCM's values: the reference's shift 17 and CFG, a bidirectional student (one block
-    # of the 21 latent frames), and deterministic Euler sampling along the student's jumps.
+    # MethodConfig's knobs at DCM's values: 4 steps, 2 per expert, the boundary (0.7 x 1000) one of them, so the
+    # semantic expert's last step lands on its phase end; the reference's shift 17 and CFG; a bidirectional student
+    # (one block of the 21 latent frames); deterministic Euler sampling along the student's jumps.
+    denoising_step_list: list[float] = field(default_factory=lambda: [1000, 850, 700, 350])
     timestep_shift: float = 17.0
     guidance_scale: float = 5.0
     num_frame_per_block: int = 21
@@ -261,7 +263,8 @@ class DualExpertDiT(WanDiT):
                 raise ValueError(f"method.detail.targets: {target!r} reaches {shared[0]}, the cross-attention's keys or "
                                  f"values of the text, which both experts share (computed once per prompt); use "
                                  f"{DETAIL_TARGETS}")
-        self.boundary_timestep = float(boundary_timestep)
+        # rounded to float32, as the timesteps the rollout passes: a step at the boundary compares equal to it
+        self.boundary_timestep = float(torch.tensor(boundary_timestep, dtype=torch.float32))
         embedder = self.condition_embedder
         self.detail = nn.ModuleDict({"time_embedder": copy.deepcopy(embedder.time_embedder),
                                      "time_proj": copy.deepcopy(embedder.time_proj),
@@ -287,7 +290,7 @@ class DualExpertDiT(WanDiT):
         # x: [B, F, C, H, W]; timestep: [B, F] or [B]
         if expert is None:
             t = timestep if timestep.ndim == 2 else timestep[:, None].expand(x.shape[0], x.shape[1])
-            self._mask = t <= self.boundary_timestep  # [B, F]: the detail expert's samples and frames
+            self._mask = t.float() <= self.boundary_timestep  # [B, F]: the detail expert's samples and frames
             _, p_h, p_w = self.config.patch_size
             tokens = (x.shape[-2] // p_h) * (x.shape[-1] // p_w)
             self._gate = self._mask.repeat_interleave(tokens, dim=1)[..., None]  # [B, F*T, 1], frame-major tokens

@@ -170,14 +170,16 @@ def test_the_switch_picks_the_expert_by_timestep_per_sample_and_frame():
 def test_inference_is_euler_along_each_steps_expert():
     net = two_experts(1)
     schedule = FlowSchedule(5.0, renoise="implied")
-    steps = schedule.denoising_steps([1000, 750, 500, 250], True)  # 1000, 937.5 semantic; 833.3, 625 detail
-    assert [t > net.boundary_timestep for t in steps] == [True, True, False, False]
+    steps = schedule.denoising_steps([1000, 850, 700, 350], True)  # DCM's default list: 1000, 966.2 semantic; 921.1, 729.0 detail
+    as_passed = [float(torch.tensor(t)) for t in steps]  # float32, as the rollout passes timesteps
+    assert [t > net.boundary_timestep for t in as_passed] == [True, True, False, False]
+    assert as_passed[2] == net.boundary_timestep  # 700 warped is the boundary: the detail expert's first step
     noise, ctx = torch.randn(2, 6, 3, 8, 8), torch.randn(2, 8, 32)
     with torch.no_grad():
         video = rollout(net, noise, ctx, steps, CausalPattern(6), schedule=schedule).video
         x = noise
         for i, t in enumerate(steps):  # a hand-made loop: each step's expert, an Euler step to the next
-            v = net(x, torch.full((2, 6), t), ctx, expert="detail" if t <= net.boundary_timestep else "semantic")
+            v = net(x, torch.full((2, 6), t), ctx, expert="detail" if as_passed[i] <= net.boundary_timestep else "semantic")
             x = x + ((steps[i + 1] if i + 1 < len(steps) else 0.0) - t) / 1000 * v
     assert torch.allclose(video, x, atol=2e-5), (video - x).abs().max()
     with torch.no_grad():  # fresh re-noising (Self Forcing's sampler) gives other clips
@@ -251,6 +253,27 @@ def test_the_export_holds_both_experts_and_the_adapter_file_loads_back(straight,
         assert torch.allclose(merged.eval()(x, t, ctx), net.eval()(x, t, ctx), atol=1e-5)
 
 
+def test_an_expert_the_mode_never_trains_stays_out_of_the_optimizer_but_not_the_export(tmp_path):
+    from engine.trainer import Trainer
+    from utils.distributed import destroy, init_distributed, single_process_group
+
+    cfg = tiny("method.mode=semantic", "max_steps=1", "checkpoint.every=0")
+    dist = init_distributed()
+    own_group = single_process_group(dist)
+    try:
+        trainer = Trainer(cfg, tmp_path / "semantic", dist)
+        trained = {id(p) for group in trainer.optimized["generator"].optimizer.param_groups for p in group["params"]}
+        named = dict(trainer.method.generator.named_parameters())
+        assert {n for n, p in named.items() if id(p) in trained} == {n for n in named if not is_detail(n)}
+        assert set(trainer.emas["generator"].shadow) == {n for n in named if not is_detail(n)}
+        trainer.run()
+    finally:
+        if own_group:
+            destroy()
+    weights = load_file(str(tmp_path / "semantic" / "checkpoints" / "step_000001" / "export" / "model.safetensors"))
+    assert weights.keys() == trainer.method.generator.state_dict().keys()  # the untrained detail expert too
+
+
 def test_inference_py_runs_a_dcm_export_as_training_evaluated_it(straight, tmp_path):
     from engine.evaluation import sample
     from tests.test_inference import infer, latents
@@ -320,3 +343,43 @@ def test_bad_experts_fail_when_built_in_one_line(overrides, message):
     with pytest.raises(ValueError) as error:
         build_method(cfg, CPU)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+# ---------------------------------------------------------------------------- GPU: memory and step time at Wan size
+@pytest.mark.gpu
+def test_semantic_and_detail_steps_at_wan_size_against_dmd(tmp_path):
+    """One H200 / H100, random Wan2.1-1.3B weights, bf16, 21 latent frames at 832x480, batch 1 per GPU: step time
+    and peak memory of a DCM semantic step (mode=both before its switch) and a detail step (mode=fine on the random
+    weights as its semantic expert), each run with its discriminator's step, next to self-forcing DMD's generator
+    and critic steps (its preset as it is). Peak: over the run's steps, each run its own process."""
+    import subprocess
+    import sys
+
+    from tests.test_gan_wan import REPO, write_prompts
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    folder = tmp_path / "wan-1.3b-random"
+    subprocess.run([sys.executable, "scripts/make_random_wan_folder.py", str(folder)], cwd=REPO, check=True)
+    dcm = ["--random-latents", "8", "data=latents", "experiment=dcm_wan", f"model.path={folder}", "batch_size=1"]
+    runs = {
+        "self_forcing_dmd": ["--exit-steps", "0,1,2,3", f"data.prompts.path={write_prompts(tmp_path)}",
+                             "experiment=self_forcing_dmd", f"model.path={folder}"],
+        "dcm_semantic": [*dcm, "method.mode=both", "method.semantic_steps=1000000"],
+        "dcm_detail": [*dcm, "method.mode=fine", f"model.generator_init={folder}"],
+    }
+    rows = {}
+    for name, args in runs.items():
+        out = tmp_path / f"{name}.json"
+        subprocess.run([sys.executable, "scripts/bench_train.py", "--steps", "4", "--warmup", "4", "--out", str(out), *args],
+                       cwd=REPO, check=True)
+        r = json.loads(out.read_text())
+        first, second = ("generator", "critic") if name == "self_forcing_dmd" else ("generator", "discriminator")
+        mean = "_step_s_mean_over_exit_steps" if name == "self_forcing_dmd" else "_step_s"
+        rows[name] = (r[first + mean], r[second + mean], r["peak_allocated_gib_per_gpu"][0])
+    lines = [f"{torch.cuda.get_device_name()}: generator step s / critic or discriminator step s / peak allocated GiB"]
+    lines += [f"{name:18s} {g:.2f}  {c:.2f}  {peak:.1f}" for name, (g, c, peak) in rows.items()]
+    print("\n" + "\n".join(lines))
+    (tmp_path / "dcm_memory.txt").write_text("\n".join(lines) + "\n")
+    # DCM's selling point: no critic (a second 1.3B network with its AdamW state)
+    assert rows["dcm_semantic"][2] < rows["self_forcing_dmd"][2] and rows["dcm_detail"][2] < rows["self_forcing_dmd"][2]
