@@ -246,12 +246,13 @@ def _teacher_weights(cfg, built: dict) -> tuple[dict, dict]:
     config = {k: v for k, v in teacher.config.items() if not k.startswith("_")}
     if not any(p.is_meta for p in teacher.parameters()):
         return teacher.state_dict(), config
-    return read_state_dict(m.teacher_path), config  # sharded loading built it empty: read the files
+    return read_state_dict(m.teacher_path, lazy=True), config  # sharded loading built it empty: read tensor by tensor
 
 
 def build_image_student(cfg, built: dict) -> WanImageDiT:
-    """The generator: a WanImageDiT of model.backbone from model.generator_init, the projected teacher
-    (method.project_init) or random weights."""
+    """The generator: a WanImageDiT of model.backbone from model.generator_init (an image student's weights, or a
+    video DiT's of the student's size, its patch kernel folded), the projected teacher (method.project_init), or
+    random weights."""
     m, method = cfg.model, cfg.method
     student = WanImageDiT(**_backbone(cfg))
     if m.generator_init is not None:
@@ -259,7 +260,11 @@ def build_image_student(cfg, built: dict) -> WanImageDiT:
             raise ValueError(f"model.generator_init={m.generator_init} and method.project_init=true both say where "
                              "the image student starts: set method.project_init=false to load generator_init, or "
                              "model.generator_init=null to project the teacher")
-        load_strict(student, read_state_dict(m.generator_init), str(m.generator_init))
+        state = read_state_dict(m.generator_init)
+        if state.get("patch_embedding.weight", torch.empty(0)).ndim == 5:  # a video DiT's: of the student's size, strictly
+            state["patch_embedding.weight"] = fold_patch_embedding(state["patch_embedding.weight"])
+            log0("image student: %s holds a video DiT's weights; its patch kernel folded to 2-D", m.generator_init)
+        load_strict(student, state, str(m.generator_init))
     elif method.project_init:
         state, config = _teacher_weights(cfg, built)
         blocks = None if method.teacher_blocks is None else list(method.teacher_blocks)
@@ -277,6 +282,7 @@ class ImageKDConfig(MethodConfig):
     # the student samples like the teacher it mimics: 50 deterministic Euler steps of the shifted schedule
     denoising_step_list: list[float] = field(default_factory=lambda: uniform_steps(50))
     renoise: str = "implied"
+    max_step_ratio: float = 1.0  # KD timesteps up to 1000: the sampler's first step
     num_frame_per_block: int = 1  # one frame: one block
     num_training_frames: int = 1
     project_init: bool = True  # with model.generator_init null: start from the projected teacher (false: random)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from model.image_kd import check_projectable, default_blocks, fold_patch_embedding, prediction_error, project_state_dict
 from model.wan.transformer import WanDiT, WanImageDiT
-from model.wan.weights import load_strict
+from model.wan.weights import load_strict, read_config, read_state_dict
 from scripts.project_weights import main as project_weights
 from tests.wan_folder import TRANSFORMER, Z_DIM, tiny_wan_folder  # noqa: F401  (session fixture)
 from tests.wan_tiny import randomize
@@ -150,6 +150,10 @@ def test_the_script_writes_a_diffusers_folder_the_method_would_start_from(tiny_w
     cfg = compose_checked(script_overrides(tiny_wan_folder))
     method_start = build_image_student(cfg, {"teacher": load_backbone(tiny_wan_folder)})  # method.project_init=true
     assert all(torch.equal(v, method_start.state_dict()[k]) for k, v in loaded.state_dict().items())
+    # read tensor by tensor from the files (what a sharded-loading run, whose teacher is built empty, projects)
+    teacher_config = {k: v for k, v in read_config(tiny_wan_folder).items() if not k.startswith("_")}
+    lazy = project_state_dict(read_state_dict(tiny_wan_folder, lazy=True), teacher_config, dict(loaded.config))
+    assert all(torch.equal(v, lazy[k]) for k, v in loaded.state_dict().items())
     # a student the projection cannot map: one line, exit status 1, nothing written
     with pytest.raises(SystemExit) as stop:
         project_weights(["--out", str(tmp_path / "bad"), *script_overrides(tiny_wan_folder, "method.teacher_blocks=[7]")])
