@@ -269,3 +269,29 @@ def test_frames_an_image_student_cannot_make_are_one_line_errors(tiny_wan_folder
         with pytest.raises(ValueError, match=message):
             inference.run(icfg, tmp_path / "out_bad", group_overrides([]))
         assert not (tmp_path / "out_bad").exists()
+
+
+# ---------------------------------------------------------------------------- the toy preset
+def test_the_toy_preset_trains_resumes_exactly_exports_and_inference_scores_its_pngs(tmp_path):
+    """experiment=image_kd_toy: 4 steps straight equal 2 steps + resume + 2; the export's PNGs scored by inference.py
+    against the one-frame templates (the folded denoiser after 4 steps matches none: docs/image_student.md)."""
+    from tests.test_train import checkpoint_tensors
+
+    common = ("experiment=image_kd_toy", "batch_size=2", "eval.every=0", "eval.at_start=false", "checkpoint.keep=0")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train.train(compose_config(*common, "max_steps=4", "checkpoint.every=2", tiny=False), straight)
+    train.train(compose_config(*common, "max_steps=2", tiny=False), resumed)
+    train.train(compose_config(*common, "max_steps=4", "checkpoint.every=2", "resume=latest", tiny=False), resumed)
+    a = checkpoint_tensors(straight / "checkpoints" / "step_000004", tmp_path)
+    b = checkpoint_tensors(resumed / "checkpoints" / "step_000004", tmp_path)
+    assert a.keys() == b.keys() and any(k.startswith(".ema") for k in a)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    metrics = "data.metrics={match_tolerance_px:1.0,match_threshold:null,samples_per_prompt:1,long_num_frames:1,teacher_steps:50}"
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        icfg = compose("inference", overrides=["device=cpu", f"checkpoint={straight}", "batch_size=4", metrics,
+                                               "prompts=[a red circle moving left,a blue square moving up]", "seed=[0,1]"])
+    index = inference.run(icfg, tmp_path / "out", group_overrides([metrics]))
+    assert index["format"] == "png" and len(index["items"]) == 4
+    assert iio.imread(tmp_path / "out" / index["items"][0]["file"]).shape == (16, 16, 3)
+    toy = index["toy_metrics"]
+    assert toy["match_rate"] == 0.0 and 0.3 < toy["mean_distance"] < 0.45, toy
