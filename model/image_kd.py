@@ -145,19 +145,19 @@ def check_projectable(teacher: dict, student: dict, teacher_blocks: list[int] | 
             raise ValueError(f"model.backbone.{key}={student[key]} is wider than the teacher's {teacher[key]}: the "
                              f"projection keeps a subset of the teacher's {what}, so the student cannot be wider")
     layers, depth = student["num_layers"], teacher["num_layers"]
+    if layers > depth:
+        raise ValueError(f"model.backbone.num_layers={layers} is deeper than the teacher's {depth}: layer "
+                         "selection only makes a student shallower")
     if teacher_blocks is None:
-        if layers > depth:
-            raise ValueError(f"model.backbone.num_layers={layers} is deeper than the teacher's {depth}: layer "
-                             "selection only makes a student shallower")
         return default_blocks(depth, layers)
     blocks = list(teacher_blocks)
     bad = [b for b in blocks if not 0 <= b < depth]
     if bad:
         raise ValueError(f"method.teacher_blocks={blocks}: block {bad[0]} is out of range; the teacher has blocks "
                          f"0..{depth - 1}")
-    if len(blocks) != layers:
-        raise ValueError(f"method.teacher_blocks lists {len(blocks)} blocks, but the student has "
-                         f"model.backbone.num_layers={layers}: give one teacher block per student block")
+    if len(blocks) != layers or len(set(blocks)) != len(blocks):
+        raise ValueError(f"method.teacher_blocks={blocks}: give {layers} distinct teacher blocks, one per student "
+                         f"block (model.backbone.num_layers={layers})")
     return blocks
 
 
@@ -286,7 +286,7 @@ class ImageKDConfig(MethodConfig):
     num_frame_per_block: int = 1  # one frame: one block
     num_training_frames: int = 1
     project_init: bool = True  # with model.generator_init null: start from the projected teacher (false: random)
-    teacher_blocks: list[int] | None = None  # the teacher block of each student block (null: evenly spaced)
+    teacher_blocks: list[int] | None = None  # the teacher block of each student block, distinct (null: evenly spaced)
     width_rule: str = "truncate"  # a narrower student keeps the teacher's first heads, units and channels
     kd_input: str = "student"  # x0 on prompts alone: the student's own sample | noise: x_t is pure noise
     kd_sample_steps: int = 4  # Euler steps of that sample (kd_input=student)

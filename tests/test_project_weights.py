@@ -116,7 +116,9 @@ def test_bad_students_are_one_line_errors():
         (dict(attention_head_dim=4), None, r"attention_head_dim=4 differs from the teacher's 8"),
         (dict(text_dim=8), None, r"text_dim=8 differs from the teacher's 16"),
         (dict(num_layers=2), [0, 4], r"teacher_blocks=\[0, 4\]: block 4 is out of range; the teacher has blocks 0..3"),
-        (dict(num_layers=2), [0, 1, 2], r"lists 3 blocks, but the student has model.backbone.num_layers=2"),
+        (dict(num_layers=2), [0, 1, 2], r"teacher_blocks=\[0, 1, 2\]: give 2 distinct teacher blocks, one per student"),
+        (dict(num_layers=2), [1, 1], r"teacher_blocks=\[1, 1\]: give 2 distinct teacher blocks"),
+        (dict(num_layers=6), [0, 0, 1, 1, 2, 3], r"num_layers=6 is deeper than the teacher's 4"),  # no repeats to deepen
     ]
     for size, blocks, message in cases:
         with pytest.raises(ValueError, match=message) as error:
