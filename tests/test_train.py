@@ -51,14 +51,18 @@ ABLATION_BASE = {"fdiv_": "experiment=toy_fdistill_js", "gan_": "experiment=toy_
 @pytest.mark.parametrize("overlay", [f"experiment={p}" for p in PRESETS] + [f"ablation={a}" for a in ABLATIONS])
 def test_every_preset_and_ablation_composes_and_builds_at_tiny_size(overlay):
     base = [e for prefix, e in ABLATION_BASE.items() if overlay.startswith(f"ablation={prefix}")]
-    cfg = compose_config(*base, overlay, "model=toy", "data=toy")
+    image = overlay.startswith("experiment=image_kd")  # one-frame students: no 6-frame clips, no projection from a folder
+    cfg = compose_config(*base, overlay, "model=toy", "data=toy", tiny=not image)
     # the preset's own sizes, shrunk back to the tiny toy ones after the preset applied
     if "gan" in cfg.method:
         cfg.method.gan.blocks = None  # Wan's [13, 21, 29]: the tiny critic's default instead
     cfg.model.precision.text_encoder = None  # an int8 UMT5's: the toy text encoder has no linear layers to quantise
-    cfg.method.num_training_frames = 6
-    cfg.method.min_num_frames = cfg.method.max_num_frames = None
-    cfg.method.num_frame_per_block = min(cfg.method.num_frame_per_block, 2)
+    if image:
+        cfg.method.project_init = False
+    else:
+        cfg.method.num_training_frames = 6
+        cfg.method.min_num_frames = cfg.method.max_num_frames = None
+        cfg.method.num_frame_per_block = min(cfg.method.num_frame_per_block, 2)
     validate(cfg)
     method = build_method(cfg, torch.device("cpu"))
     assert method.steps[0] == 1000 and len(method.steps) == len(cfg.method.denoising_step_list)
