@@ -27,9 +27,9 @@ students do not learn to bounce, docs/toy-world.md) still matches the segments w
 Frames to switch: d = t - s for the first window start t >= s (s the switch frame) whose window shows B;
 none when no window before the end does.
 
-Outputs (into --out): stream_study.json (every curve and number), stream_study.md (tables), drift.png,
-switch.png. Per-method results are kept in <out>/methods/<name>.json, so methods can be run one at a time
-(--methods) and the report is rebuilt from all that are there.
+Outputs (into --out): stream_study.md (tables), stream_study.json (the tables' rows), drift.png, switch.png,
+and <out>/methods/<name>.json (every curve and per-stream result of a method), so methods can be run one at a
+time (--methods) and the report is rebuilt from all that are there (--report-only).
 
   python scripts/toy_stream_study.py --runs outputs/stream_study/runs --out docs/stream_study
   python scripts/compare_methods.py --methods dmd,sid,causvid_tf --out outputs/stream_study/runs --docs /tmp/cmp  # the runs
@@ -407,12 +407,15 @@ def report(out: Path, command: str, revision: str) -> dict:
         raise FileNotFoundError(f"{out / 'methods'} holds no method results: run the study first")
     first = next(iter(methods.values()))
     sw = first["switch"]
-    summary = {"command": command, "git_revision": revision, "date": datetime.datetime.now().astimezone().isoformat(),
-               "window": sw["window"], "switch_at": sw["switch_at"], "methods": methods}
-    (out / "stream_study.json").write_text(json.dumps(summary))
     plot(methods, out)
     drift_head, drift_body = drift_table(methods)
     switch_head, switch_body = switch_table(methods)
+    summary = {"command": command, "git_revision": revision, "date": datetime.datetime.now().astimezone().isoformat(),
+               "window": sw["window"], "switch_at": sw["switch_at"],
+               "methods": {n: f"methods/{n}.json" for n in methods},  # every curve and per-stream result
+               "drift": [dict(zip(drift_head, row)) for row in drift_body],
+               "switch": [dict(zip(switch_head, row)) for row in switch_body]}
+    (out / "stream_study.json").write_text(json.dumps(summary, indent=1))
     text = [
         "# Streams on the toy world: drift and prompt switches",
         "",
