@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ahead", type=float, default=2.0,
                    help="seconds of video generated ahead of playback at most (0: as fast as the client takes them)")
     p.add_argument("overrides", nargs="*", help="inference.py's key=value overrides, e.g. checkpoint=<run dir>")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # key=value overrides before, between or after the --flags
     from utils.errors import one_line_errors
 
     with one_line_errors(hint="HYDRA_FULL_ERROR=1"):
@@ -282,7 +282,7 @@ PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>stream viewer</title>
 <style>
  body { font: 14px sans-serif; margin: 1.5em; background: #111; color: #ddd; }
- canvas { background: #000; image-rendering: pixelated; width: min(90vw, 832px); display: block; }
+ canvas { background: #000; image-rendering: pixelated; width: min(90vw, 832px, 72vh); display: block; }
  form { margin: .8em 0; display: flex; gap: .5em; max-width: 832px; }
  input[type=text] { flex: 1; font-size: 15px; padding: .3em; }
  #log { color: #9a9; white-space: pre-line; font-size: 12px; max-width: 832px; }
@@ -324,6 +324,8 @@ ws.onmessage = async (event) => {
   const m = JSON.parse(event.data);
   if (m.type === "start") {
     info = m; screen.width = m.width; screen.height = m.height; promptBox.value = m.prompt;
+    // as large as fits beside the controls, whatever the video's size (a 16x16 toy or 832x480)
+    screen.style.width = Math.min(832, innerWidth * 0.9, innerHeight * 0.72 * m.width / m.height) + "px";
     say(`stream: ${m.width}x${m.height} at ${m.fps} fps, window ${m.window}, sink ${m.sink}, re-cache ${m.recache}`);
     document.getElementById("recache").checked = m.recache;
   } else if (m.type === "chunk") {
