@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("starlette")
-pytest.importorskip("httpx")  # Starlette's TestClient
-from starlette.testclient import TestClient  # noqa: E402
+from starlette.testclient import TestClient  # needs httpx; both in requirements.txt  # noqa: E402
 from starlette.websockets import WebSocketDisconnect  # noqa: E402
 
 from engine.stream import Stream, StreamSchema  # noqa: E402
