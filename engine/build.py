@@ -36,17 +36,9 @@ def _frozen(module: torch.nn.Module) -> torch.nn.Module:
 
 def backbone_config(cfg: DictConfig) -> dict:
     """The student/critic architecture: model.backbone, or the Wan folder's transformer/config.json."""
-    backbone = OmegaConf.to_container(cfg.model.backbone, resolve=True)
-    if backbone:
-        return backbone
-    if cfg.model.path is None:
-        raise ValueError("set model.backbone (a WanTransformer3DModel config) or model.path (a diffusers Wan folder)")
-    from model.wan.folder import check_wan_folder
-    from model.wan.weights import read_config
+    from model.wan.weights import backbone_config as from_node_or_folder
 
-    check_wan_folder(cfg.model.path, parts=("transformer",))
-    config = read_config(cfg.model.path)
-    return {k: v for k, v in config.items() if not k.startswith("_")}
+    return from_node_or_folder(OmegaConf.to_container(cfg.model.backbone, resolve=True), cfg.model.path)
 
 
 def build_backbone(cfg: DictConfig, init: str | None) -> WanDiT:

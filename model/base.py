@@ -162,6 +162,18 @@ class SelfForcingModel(torch.nn.Module, RolloutParts):
         weights: the exported state dict on the main rank, {} on the others."""
         return {}
 
+    def batch_latents(self, batch: dict) -> torch.Tensor:
+        """Clean latents [B, F, C, H, W] of a batch's clips: data latents, the teacher's clean end of each ODE
+        pair, or pixel clips encoded by the VAE (DMD2's real clips, DCM's clips to noise)."""
+        if "latents" in batch:
+            return batch["latents"].to(self.device)
+        if "ode" in batch:
+            return batch["ode"][:, -1].to(self.device)
+        if "video" in batch:
+            with torch.no_grad():
+                return self.vae.encode(batch["video"].to(self.device))
+        raise KeyError(f"{type(self).__name__} needs clean clips (latents, ode or video) in the batch, got {sorted(batch)}")
+
     def reseed(self, seed: int, step: int, phase: str, sample_ids: list[int]) -> None:
         """Seed the draws of one (micro-)batch.
 

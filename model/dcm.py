@@ -53,7 +53,7 @@ from model.contract import Network, Phase
 from model.schedule import shift_time
 from model.wan.discriminator import DESIGNS, DiscriminatorHead, default_blocks
 from model.wan.transformer import WanDiT
-from model.wan.weights import check_keys, load_strict, read_config, read_state_dict
+from model.wan.weights import backbone_config, check_keys, load_strict, read_state_dict
 from pipeline.rollout import chunk_starts
 
 MODES = ("semantic", "fine", "both")
@@ -372,12 +372,7 @@ def adapter_parts(weights: dict[str, torch.Tensor], detail: DetailConfig) -> dic
 # ---------------------------------------------------------------------------- builders of DCM's networks
 def _backbone(cfg) -> dict:
     """The Wan DiT config: model.backbone, or the transformer config of the Wan folder model.path."""
-    node = OmegaConf.to_container(cfg.model.backbone, resolve=True)
-    if node:
-        return node
-    if cfg.model.path is None:
-        raise ValueError("set model.backbone (a WanTransformer3DModel config) or model.path (a diffusers Wan folder)")
-    return {k: v for k, v in read_config(cfg.model.path).items() if not k.startswith("_")}
+    return backbone_config(OmegaConf.to_container(cfg.model.backbone, resolve=True), cfg.model.path)
 
 
 def build_generator(cfg, built: dict) -> DualExpertDiT:
@@ -503,15 +498,7 @@ class DCM(SelfForcingModel):
 
     def clean_clips(self, batch: dict) -> tuple[torch.Tensor, list[str]]:
         """Clean latents [B, F, C, H, W] (float32) of the batch's clips and their captions."""
-        if "latents" in batch:
-            clips = batch["latents"].to(self.device)
-        elif "ode" in batch:  # the teacher's clean end of each ODE trajectory
-            clips = batch["ode"][:, -1].to(self.device)
-        elif "video" in batch:  # pixel clips: encoded as the generator's latents
-            with torch.no_grad():
-                clips = self.vae.encode(batch["video"].to(self.device))
-        else:
-            raise KeyError(f"DCM noises clean clips (latents, ode or video in the batch), got {sorted(batch)}")
+        clips = self.batch_latents(batch)
         if clips.shape[1] != self.cfg.num_training_frames:
             raise ValueError(f"clips have {clips.shape[1]} latent frames, expected method.num_training_frames="
                              f"{self.cfg.num_training_frames}")

@@ -124,15 +124,7 @@ class DMD2(DMD):
 
     def real_clips(self, batch: dict) -> tuple[torch.Tensor, list[str]]:
         """Clean latents of the batch's real clips [B, F, C, H, W] and their captions."""
-        if "latents" in batch:
-            clips = batch["latents"].to(self.device)
-        elif "ode" in batch:  # the teacher's clean end of each ODE trajectory
-            clips = batch["ode"][:, -1].to(self.device)
-        elif "video" in batch:  # pixel clips: encoded as the generator's latents
-            with torch.no_grad():
-                clips = self.vae.encode(batch["video"].to(self.device))
-        else:
-            raise KeyError(f"{type(self).__name__} needs real clips (latents, ode or video) in the batch, got {sorted(batch)}")
+        clips = self.batch_latents(batch)
         prompts = batch.get("videos_prompts") or batch.get("ode_pairs_prompts") or batch["prompts"]
         if clips.shape[1] != self.cfg.num_training_frames:
             raise ValueError(f"real clips have {clips.shape[1]} latent frames, expected num_training_frames="

@@ -34,7 +34,7 @@ from model.contract import Network, Phase
 from model.dmd import DMD
 from model.schedule import FlowSchedule
 from model.wan.transformer import WanDiT, WanImageDiT
-from model.wan.weights import load_strict, read_config, read_state_dict
+from model.wan.weights import backbone_config, load_strict, read_state_dict
 from pipeline.rollout import denoise_steps
 from utils.distributed import log0
 
@@ -227,12 +227,8 @@ def prediction_error(teacher: torch.nn.Module, student: torch.nn.Module, latent_
 # ---------------------------------------------------------------------------- the student's builder
 def _backbone(cfg) -> dict:
     """The student's WanTransformer3DModel config: model.backbone, or (a full-size student) the Wan folder's."""
-    node = OmegaConf.to_container(cfg.model.backbone, resolve=True)
-    if node:
-        return node
-    if cfg.model.path is None:
-        raise ValueError("set model.backbone (the image student's WanTransformer3DModel config) or model.path")
-    return {k: v for k, v in read_config(cfg.model.path).items() if not k.startswith("_")}
+    return backbone_config(OmegaConf.to_container(cfg.model.backbone, resolve=True), cfg.model.path,
+                           "the image student's WanTransformer3DModel config")
 
 
 def _teacher_weights(cfg, built: dict) -> tuple[dict, dict]:

@@ -216,6 +216,19 @@ def read_config(config: str | Path | dict) -> dict:
     return json.loads(path.read_text())
 
 
+def backbone_config(backbone: dict | None, path: str | Path | None, what: str = "a WanTransformer3DModel config") -> dict:
+    """A DiT's constructor arguments: `backbone` (model.backbone as a dict) when it is set, else the transformer
+    config of the diffusers Wan folder `path` without its private (`_`) keys."""
+    if backbone:
+        return dict(backbone)
+    if path is None:
+        raise ValueError(f"set model.backbone ({what}) or model.path (a diffusers Wan folder)")
+    from model.wan.folder import check_wan_folder
+
+    check_wan_folder(path, parts=("transformer",))
+    return {k: v for k, v in read_config(path).items() if not k.startswith("_")}
+
+
 def load_backbone(path: str | Path, config: str | Path | dict | None = None, *, key: str | None = None, cls=None):
     """Build a WanDiT and load weights from any supported format, strictly.
 
