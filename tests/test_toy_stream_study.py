@@ -11,12 +11,7 @@ from scripts.toy_stream_study import (frames_to_switch, path_period, prompt_clas
 A, B = "a red circle moving left", "a blue circle moving left"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared 2-core machine: spinning OpenMP threads cost more than they give here
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def templates(world, prompt: str, frames: int) -> torch.Tensor:

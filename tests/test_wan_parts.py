@@ -22,14 +22,7 @@ TEXT_LEN = 12
 PROMPTS = ["a red circle moving left", "  the blue &amp; square\n\n moving   up zzz ", ""]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny convolutions gain nothing from threads, and OpenMP spinning on a busy shared 2-core
-    # machine makes them ~50x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
