@@ -14,7 +14,8 @@ from starlette.websockets import WebSocketDisconnect  # noqa: E402
 from engine.stream import Stream, StreamSchema  # noqa: E402
 from scripts import serve  # noqa: E402
 from tests.test_inference_safety import export  # noqa: E402,F401  (a fixture: a toy export with random weights)
-from tests.test_stream import one_thread  # noqa: E402,F401  (autouse: one torch thread on the shared CPU)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one torch thread on the shared CPU
 
 P, Q = "a red circle moving left", "a blue square moving up"
 SIDE = 8  # the test export's frames (tests/test_inference_safety.py compose_config)
