@@ -59,11 +59,18 @@ def check_precision(name: str, precision: str | None, trained: bool, device: tor
                          f"AdamW step); set the precision of frozen networks only (the teacher, the text encoder), "
                          f"and train LoRA adapters over a frozen base with model.lora.{name}.rank")
     if precision == "fp8" and device is not None:
-        capable = device.type == "cuda" and torch.cuda.get_device_capability(device) >= FP8_CAPABILITY
-        if not capable:
-            where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-            raise ValueError(f"{key} needs a GPU with fp8 arithmetic (compute capability >= 8.9: Ada, Hopper or "
-                             f"later), but this run is on {where}; use int8 or bf16")
+        why = fp8_unsupported(device)
+        if why:
+            raise ValueError(f"{key} needs {why}; use int8 or bf16")
+
+
+def fp8_unsupported(device: torch.device) -> str | None:
+    """Why fp8 arithmetic cannot run on `device`, or None where it can."""
+    cuda = device.type == "cuda" and torch.cuda.is_available()
+    if cuda and torch.cuda.get_device_capability(device) >= FP8_CAPABILITY:
+        return None
+    where = torch.cuda.get_device_name(device) if cuda else "a machine without CUDA" if device.type == "cuda" else device.type
+    return f"a GPU with fp8 arithmetic (compute capability >= 8.9: Ada, Hopper or later), but this run is on {where}"
 
 
 def _torchao_config(precision: str):
@@ -81,6 +88,36 @@ def quantize_linear(layer: nn.Linear, precision: str) -> None:
     from torchao.quantization import quantize_
 
     quantize_(layer, _torchao_config(precision))
+
+
+# The DiT block layers speed.dit_precision=fp8 leaves in bf16: the cross-attention's text keys and values,
+# computed once per prompt into the cache that every step and chunk reads.
+FP8_KEEP = ("attn2.to_k", "attn2.to_v")
+
+
+def fp8_layers(dit: nn.Module) -> list[str]:
+    """The names of the layers fp8_matmuls converts: the blocks' nn.Linear layers but FP8_KEEP."""
+    return [name for name, m in dit.named_modules() if type(m) is nn.Linear and name.startswith("blocks.")
+            and not name.endswith(FP8_KEEP)]
+
+
+def fp8_matmuls(dit: nn.Module) -> list[str]:
+    """speed.dit_precision=fp8 (inference): every linear layer of the DiT's blocks but FP8_KEEP runs in fp8,
+    in place, through torchao's Float8DynamicActivationFloat8WeightConfig with per-row scales (e4m3 weights
+    scaled per output row once; each call scales its activations per token, then one fp8 matrix product,
+    torch._scaled_mm, with a bf16 output). The embeddings, the time projection and the output head stay
+    bf16. Not exact: docs/performance.md reports the error against bf16. Returns the converted layers' names."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    names = fp8_layers(dit)
+    if not names:
+        raise ValueError(f"speed.dit_precision=fp8: {type(dit).__name__} has no linear layers under blocks.")
+    chosen = set(names)
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+    quantize_(dit, config, filter_fn=lambda m, name: name in chosen)
+    log.info("speed.dit_precision=fp8: %d linear layers of the DiT's blocks in fp8 (per-row scales), %.2f GiB of weights",
+             len(names), weight_bytes(dit) / 2**30)
+    return names
 
 
 def round_trip(precision: str) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -24,6 +24,7 @@ of --repeats runs. Prints a markdown table, writes JSON.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import re
@@ -49,6 +50,7 @@ from engine.inference import Item, Student, generate  # noqa: E402
 from utils.speed import LEVERS, SpeedSchema, apply_levers, resolve_levers  # noqa: E402
 
 OFF = dict.fromkeys(LEVERS, False)
+KNOBS = (*LEVERS, "dit_fp8")  # the levers and speed.dit_precision=fp8 (not exact), as "+dit_fp8" in a configuration name
 # The ladder: each configuration adds one lever to the one before ("+" rows of the table).
 LADDER = [
     ("plain", {}),
@@ -84,12 +86,12 @@ def configurations(names: list[str], device: torch.device = torch.device("cuda")
             out.append((name, every if name == "all" else {**every, name[4:]: False}))
         elif name == "default":
             out.append((name, resolve_levers(SpeedSchema(), device)))
-        elif name.startswith("default") and all(lever in LEVERS for lever in re.split("[+-]", name)[1:]):
+        elif name.startswith("default") and all(lever in KNOBS for lever in re.split("[+-]", name)[1:]):
             levers = resolve_levers(SpeedSchema(), device)
             for sign, lever in re.findall("([+-])([a-z0-9_]+)", name[7:]):
                 levers[lever] = sign == "+"
             out.append((name, levers))
-        elif name.startswith("only+") and name[5:] in LEVERS:
+        elif name.startswith("only+") and name[5:] in KNOBS:
             out.append((name, {**OFF, name[5:]: True}))
         else:
             raise ValueError(f"unknown configuration {name!r}: expected ladder, all, default, all-<lever>, only+<lever>, "
@@ -163,6 +165,8 @@ def decode_chunks(student: Student, latents: torch.Tensor) -> torch.Tensor:
 
 def bench_config(name, levers, parts, args, device, items, reference) -> dict:
     generator, text_encoder, vae = parts
+    if levers.get("dit_fp8"):  # fp8 converts the blocks' weights in place: a copy, so later rows get bf16 ones
+        generator = copy.deepcopy(generator)
     generator.set_attention_backend("sdpa")
     runner, stream = apply_levers(generator, vae, levers)
     student = Student(generator, text_encoder, vae, MethodConfig(), tuple(args.latent_shape), runner=runner,

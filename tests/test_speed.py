@@ -36,6 +36,7 @@ def test_levers_default_off_on_cpu_and_cuda_only_levers_refuse_it():
     auto = SpeedSchema(**dict.fromkeys(vars(SpeedSchema()), None))
     assert not any(resolve_levers(auto, CPU).values())
     on_cuda = resolve_levers(auto, torch.device("cuda"))
+    assert on_cuda.pop("dit_fp8") is False  # fp8 is not exact: only when asked for
     # one attention lever: FA4 where it runs (package and GPU), else cuDNN
     fa4_runs = fa4_supported(torch.device("cuda")) is None
     assert on_cuda.pop("fa4_attention") == fa4_runs and on_cuda.pop("cudnn_attention") == (not fa4_runs)
@@ -53,6 +54,27 @@ def test_levers_default_off_on_cpu_and_cuda_only_levers_refuse_it():
             resolve_levers(SpeedSchema(**{lever: True}), CPU)
     levers = resolve_levers(SpeedSchema(fused_elementwise=True, vae_channels_last=True), CPU)
     assert levers["fused_elementwise"] and levers["vae_channels_last"] and not levers["cuda_graphs"]
+
+
+def test_dit_fp8_is_asked_for_and_refuses_what_cannot_run_it():
+    """speed.dit_precision: bf16 (and null) leave the DiT alone, a typo and fp8 without fp8 arithmetic are
+    one-line errors naming the key; fp8_matmuls picks every block linear layer but the text K/V (the GPU test
+    in tests/test_speed_gpu.py runs them)."""
+    from engine.quantize import fp8_layers
+
+    for value in ("bf16", None):
+        assert resolve_levers(SpeedSchema(dit_precision=value), CPU)["dit_fp8"] is False
+    with pytest.raises(ValueError, match=r"^speed.dit_precision=fp16: expected one of \['bf16', 'fp8'\]$"):
+        resolve_levers(SpeedSchema(dit_precision="fp16"), CPU)
+    with pytest.raises(ValueError, match=r"^speed.dit_precision=fp8 needs a GPU with fp8 arithmetic .* on cpu; use bf16$"):
+        resolve_levers(SpeedSchema(dit_precision="fp8"), CPU)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="on a machine without CUDA; use bf16$"):
+            resolve_levers(SpeedSchema(dit_precision="fp8"), torch.device("cuda"))
+    names = fp8_layers(WanDiT(**TRANSFORMER))
+    per_block = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_out.0",
+                 "ffn.net.0.proj", "ffn.net.2"]
+    assert names == [f"blocks.{i}.{n}" for i in range(TRANSFORMER["num_layers"]) for n in per_block]
 
 
 def test_cudnn_attention_refuses_cpu_tensors():
@@ -231,3 +253,25 @@ def test_compact_text_keeps_the_cross_attention_and_fills_fewer_keys():
         assert (bias[0, : 512 - n] == 0).all() and torch.isneginf(bias[0, 512 - n + 3 :]).all()
         assert abs(rows.exp().sum().item() / n - 1) <= 3e-5, (n, rows)
     assert compact_text(torch.ones(2, 512, 8)) is None  # no padding: nothing to fold
+
+
+def test_bench_inference_runs_tiny_on_the_cpu(tmp_path):
+    """scripts/bench_inference.py --tiny --device cpu: the benchmark's own path (build, every part timed, errors
+    against plain) stays runnable without a GPU; the CPU's default levers are the plain path, so its error is 0."""
+    import json
+
+    from scripts.bench_inference import configurations, main
+
+    out = tmp_path / "bench.json"
+    main(["--tiny", "--device", "cpu", "--repeats", "1", "--warmup", "1", "--frames", "3", "--configs", "plain,default",
+          "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert [r["config"] for r in result["rows"]] == ["plain", "default"] and result["device"] == "cpu"
+    for row in result["rows"]:
+        assert row["frames"] == 9 and row["fps"] > 0 and row["dit_s"] > 0 and row["vae_s"] > 0
+        assert row["latents_rel_err"] == 0 and row["pixels_rel_err"] == 0
+    assert result["dit_flops"] > 0 and result["vae_flops"] > 0
+    (name, levers), = configurations(["default+dit_fp8-decode_stream"], CPU)
+    assert levers["dit_fp8"] and not levers["decode_stream"]
+    with pytest.raises(ValueError, match=r"unknown configuration 'default\+fp9'"):
+        configurations(["default+fp9"], CPU)

@@ -15,7 +15,7 @@ from model.schedule import FlowSchedule
 from tests.wan_folder import TRANSFORMER, tiny_wan_folder  # noqa: F401  (a fixture)
 from tests.wan_tiny import TINY, randomize
 from engine.inference import Item, Student, generate
-from utils.speed import SpeedSchema, apply_levers, resolve_levers
+from utils.speed import LEVERS, SpeedSchema, apply_levers, resolve_levers
 
 pytestmark = pytest.mark.gpu
 
@@ -117,6 +117,39 @@ def test_cuda_graphs_replay_exactly_across_videos_and_prompts(backend):
         assert len(graphs.graphs) == 3 and err <= 1e-6
 
 
+FP8_TOL = 0.1  # fp8 (e4m3: 3 mantissa bits) activations and weights through 3 blocks x 4 steps x 3 chunks
+
+
+@torch.no_grad()
+def test_fp8_dit_stays_near_bf16_and_replays_exactly_in_graphs():
+    """speed.dit_precision=fp8: the blocks' linear layers become torchao fp8 tensors (the text K/V stay bf16),
+    the rollout moves off bf16 by fp8's rounding and no more, and its CUDA graphs replay the eager fp8 path."""
+    from engine.quantize import fp8_matmuls, fp8_unsupported
+
+    if fp8_unsupported(torch.device("cuda")):
+        pytest.skip(fp8_unsupported(torch.device("cuda")))
+    model = small_model()
+    noise, ctx = inputs(1)
+    plain = roll(model, model, noise, ctx)
+    names = fp8_matmuls(model)
+    block = model.blocks[0]
+    assert len(names) == 8 * SMALL["num_layers"]
+    assert "Float8" in type(block.attn1.to_q.weight).__name__ and "Float8" in type(block.ffn.net[2].weight).__name__
+    assert type(block.attn2.to_k.weight) in (torch.Tensor, torch.nn.Parameter)
+    model.set_fused_elementwise(True)
+    graphs = ChunkGraphs(model)
+    kv = KVCache.for_model(model, CausalPattern(3), batch_size=2, latent_hw=(30, 52), max_frames=9)
+    cross = CrossAttnCache(model.config.num_layers)
+    eager = roll(model, model, noise, ctx, kv, cross)
+    err = rel_err(eager, plain)
+    for _ in range(2):  # captured, then replayed
+        replayed = roll(graphs, model, noise, ctx, kv, cross)
+        print(f"fp8 DiT: rollout max rel err vs bf16 {err:.2e}, mean abs "
+              f"{(eager.float() - plain.float()).abs().mean().item():.2e}; graphs vs eager {rel_err(replayed, eager):.1e}")
+        assert rel_err(replayed, eager) <= 1e-6
+    assert eager.isfinite().all() and 0 < err <= FP8_TOL
+
+
 @torch.no_grad()
 def test_vae_levers_match_plain_decode(tiny_wan_folder):
     vae = WanVAE(str(tiny_wan_folder), dtype="bfloat16", device="cuda")
@@ -156,7 +189,7 @@ def test_generate_with_every_lever_matches_plain(tiny_wan_folder):
         generator = generator.to("cuda", torch.bfloat16).eval().requires_grad_(False)
         vae = WanVAE(str(tiny_wan_folder), dtype="bfloat16", device="cuda")
         text = WanTextEncoder(str(tiny_wan_folder), text_len=8, dtype="bfloat16", device="cuda").eval()
-        speed = SpeedSchema(**dict.fromkeys(vars(SpeedSchema()), True if on else False))
+        speed = SpeedSchema(**dict.fromkeys(LEVERS, on))
         if on:  # one attention kernel: FA4 where it runs, else cuDNN
             speed.fa4_attention, speed.cudnn_attention = not NO_FA4, bool(NO_FA4)
         runner, stream = apply_levers(generator, vae, resolve_levers(speed, torch.device("cuda")))

@@ -401,7 +401,7 @@ def test_stream_on_the_fast_path_gives_generates_clip_in_flat_memory(tiny_wan_fo
     from model.wan.vae import WanVAE
     from model.base import MethodConfig
     from tests.wan_tiny import randomize
-    from utils.speed import SpeedSchema, apply_levers, resolve_levers
+    from utils.speed import LEVERS, SpeedSchema, apply_levers, resolve_levers
 
     device = torch.device("cuda")
     torch.manual_seed(0)
@@ -409,7 +409,7 @@ def test_stream_on_the_fast_path_gives_generates_clip_in_flat_memory(tiny_wan_fo
     generator = generator.eval().requires_grad_(False)
     vae = WanVAE(str(tiny_wan_folder), dtype="bfloat16", device=device)
     text = WanTextEncoder(str(tiny_wan_folder), text_len=8, dtype="bfloat16", device=device).eval()
-    speed = SpeedSchema(**dict.fromkeys(vars(SpeedSchema()), True))
+    speed = SpeedSchema(**dict.fromkeys(LEVERS, True))
     speed.fa4_attention, speed.cudnn_attention = not NO_FA4, bool(NO_FA4)
     runner, decode_stream = apply_levers(generator, vae, resolve_levers(speed, device))
     student = Student(generator, text, vae, MethodConfig(num_frame_per_block=3, num_training_frames=9), (4, 30, 52),

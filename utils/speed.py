@@ -35,14 +35,17 @@ class SpeedSchema:
     vae_fused_block: Optional[bool] = None  # the VAE decoder's residual blocks: bias + norm + SiLU and bias + residual compiled, lean memory
     vae_fused_upsample: Optional[bool] = None  # the VAE decoder's upsampling layers: frame pairs + 2x nearest + layout in one compiled gather
     decode_stream: Optional[bool] = None  # decode each chunk on a second CUDA stream while the DiT computes the next
+    dit_precision: Optional[str] = "bf16"  # bf16 | fp8: the DiT blocks' matrix products in fp8 (not exact: docs/performance.md)
 
 
-LEVERS = tuple(f.name for f in fields(SpeedSchema))
+LEVERS = tuple(f.name for f in fields(SpeedSchema) if f.name != "dit_precision")  # the on / off levers
+DIT_PRECISIONS = ("bf16", "fp8")
 CUDA_ONLY = ("cudnn_attention", "fa4_attention", "cuda_graphs", "cudnn_benchmark", "decode_stream")
 
 
 def resolve_levers(speed, device: torch.device, attention_backend: str = "sdpa") -> dict[str, bool]:
-    """{lever: on?} from the config (a SpeedSchema, a DictConfig or a dict) for `device`.
+    """{lever: on?} from the config (a SpeedSchema, a DictConfig or a dict) for `device`, plus `dit_fp8`
+    (speed.dit_precision=fp8: the one setting that is not exact, so it is a precision and not a lever).
 
     attention_backend is the model config's (before "auto" is resolved): the attention levers pick the
     kernel only where the config leaves it open ("sdpa" or "auto"), never over a named backend."""
@@ -76,7 +79,21 @@ def resolve_levers(speed, device: torch.device, attention_backend: str = "sdpa")
             levers["fa4_attention"] = False
     if levers["cudnn_attention"] and levers["fa4_attention"]:
         raise ValueError("speed.cudnn_attention and speed.fa4_attention both pick the attention kernel: set one of them to false")
+    levers["dit_fp8"] = _dit_fp8(speed.get("dit_precision") if isinstance(speed, dict) else speed.dit_precision, device)
     return levers
+
+
+def _dit_fp8(precision, device: torch.device) -> bool:
+    from engine.quantize import fp8_unsupported
+
+    if precision is None or precision == "bf16":
+        return False
+    if precision != "fp8":
+        raise ValueError(f"speed.dit_precision={precision}: expected one of {list(DIT_PRECISIONS)}")
+    why = fp8_unsupported(device)
+    if why:
+        raise ValueError(f"speed.dit_precision=fp8 needs {why}; use bf16")
+    return True
 
 
 def apply_levers(generator, vae, levers: dict[str, bool]):
@@ -88,6 +105,10 @@ def apply_levers(generator, vae, levers: dict[str, bool]):
         generator.set_attention_backend("cudnn")
     if levers["fa4_attention"]:
         generator.set_attention_backend("fa4")  # FA4 for self-attention, cuDNN for the short cross-attention
+    if levers.get("dit_fp8"):
+        from engine.quantize import fp8_matmuls
+
+        fp8_matmuls(generator)  # in place: the generator's bf16 block weights are gone
     generator.set_fused_elementwise(levers["fused_elementwise"])
     generator.set_compact_text(levers["compact_text"])
     for lever, setter in (("vae_channels_last", "set_channels_last"), ("vae_fused_norm", "set_fused_norms"),
