@@ -15,8 +15,9 @@ forwards are collectives; rank 0 writes them one by one, so no rank holds more t
     <run>/samples/step_XXXXXX/index.json       file, prompt, seed of each; step, frames, weights
     <run>/samples/teacher/...                  the same for the teacher; its index.json holds the settings
 
-An image student (model/image_kd.py, a WanImageDiT) writes p00_s0.png instead, sampled by `sample_images`
-from the same noise key, and grid.png shows each of its images beside the teacher's of the same prompt and seed.
+An image student (model/image_kd.py, a WanImageDiT) writes p00_s0.png instead, sampled by `sample_images` (which
+evaluation.py `sample_with` calls for it) from the same noise key, and grid.png shows each of its images beside
+the teacher's of the same prompt and seed.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from omegaconf import DictConfig
 
 from engine.evaluation import sample_with
 from engine.inference import Item, make_items, read_png, write_png
-from model.image_kd import is_image_student, sample_images
+from model.image_kd import is_image_student
 from pipeline.ode import euler_sample, sigma_grid
 from utils.distributed import broadcast_object, log0
 from utils.sample_rng import SampleRNG
@@ -91,8 +92,6 @@ class ValidationVideos:
         def make(item: Item) -> torch.Tensor:
             # one video per rollout: at Wan size the KV cache of a 21-frame clip is several GB a sample
             rng = SampleRNG([item.noise_key], method.device)
-            if image:
-                return sample_images(method, generator, [item.prompt], rng)[1][0]
             return sample_with(method, generator, [item.prompt], self.num_frames, rng)[0]
 
         folder = self.root / f"step_{step:06d}"

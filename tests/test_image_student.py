@@ -4,6 +4,7 @@ the formula, a few KD steps lowering the loss, sample PNGs beside the teacher's 
 run, and one-line errors for frames an image student cannot make."""
 
 import json
+import math
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -295,3 +296,47 @@ def test_the_toy_preset_trains_resumes_exactly_exports_and_inference_scores_its_
     assert iio.imread(tmp_path / "out" / index["items"][0]["file"]).shape == (16, 16, 3)
     toy = index["toy_metrics"]
     assert toy["match_rate"] == 0.0 and 0.3 < toy["mean_distance"] < 0.45, toy
+
+
+def test_training_scores_the_toy_presets_images_as_inference_does(tmp_path):
+    """experiment=image_kd_toy: every eval.every steps metrics.jsonl gets the EMA student's one-frame images scored
+    against the one-frame templates, after the exact teacher's row at one frame. They must equal inference.py's
+    toy_metrics of the export with the run's seed: the export is the EMA weights evaluated, the sampler is the same
+    function (model/image_kd.py sample_images), item i draws from the key (seed, 0, "eval", i) in both, and one batch of
+    all 48 images is the same arithmetic, so the numbers agree to the bit. A match threshold of 0.36 lets a few of
+    the folded denoiser's blurred shapes match (the preset's one-pixel rule matches none after 2 steps), so match rate
+    and coverage are compared away from zero."""
+    from engine.evaluation import evaluate_toy
+
+    run, threshold = tmp_path / "run", "data.metrics.match_threshold=0.36"
+    cfg = compose_config("experiment=image_kd_toy", "batch_size=2", "max_steps=2", "eval.every=1", "eval.at_start=false",
+                         "ema_start_step=0", "checkpoint.every=0", "data.metrics.samples_per_prompt=1", threshold, tiny=False)
+    assert cfg.data.metrics.long_num_frames == 1 and cfg.data.metrics.teacher_steps == 50
+    train.train(cfg, run)
+    teacher, *students = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert teacher["source"] == "exact_teacher_50_steps" and [r["step"] for r in students] == [1, 2]
+    for row in (teacher, *students):
+        assert row["num_frames"] == row["long_num_frames"] == 1 and row["num_samples"] == 48
+        for key in ("match_rate", "coverage", "mean_distance"):
+            assert math.isfinite(row[key]) and 0 <= row[key] <= 1 and row[f"long_{key}"] == row[key], (key, row)
+    # measured: the exact teacher matches 37 of 48 (its misses are all pictures that are also another prompt's
+    # template: at one frame, 32 of the 288 templates repeat one of the same colour and shape moving another way,
+    # and float noise picks the nearest); the student 3 of 48, 0.353 from the nearest template
+    assert teacher["match_rate"] == 37 / 48 and teacher["mean_distance"] < 1e-6
+    last = students[-1]
+    assert last["match_rate"] == 3 / 48 and 0 < last["coverage"] < 0.1 and 0.3 < last["mean_distance"] < 0.4, last
+    assert (run / "samples" / "step_000002.png").is_file() and not list((run / "samples").glob("*.mp4"))
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        icfg = compose("inference", overrides=["device=cpu", f"checkpoint={run}", "seed=0", "batch_size=48"])
+    index = inference.run(icfg, tmp_path / "out", group_overrides([]))  # prompts null: the world's, as evaluation's
+    toy = index["toy_metrics"]
+    assert index["format"] == "png" and len(index["items"]) == 48 and toy["threshold"] == 0.36
+    assert {k: v for k, v in toy.items() if k != "coverage_per_prompt"} == {k: last[k] for k in toy if k in last}
+    assert set(toy) - set(last) == {"coverage_per_prompt"}
+    # the toy metrics of an image student at more than one frame: a one-line error naming the key
+    long = compose_config("experiment=image_kd_toy", "data.metrics.long_num_frames=36", tiny=False)
+    method = build_method(long, CPU)
+    with pytest.raises(ValueError, match=r"^an image student \(WanImageDiT\) makes one frame, but the toy evaluation "
+                                         r"asks for 1 \(eval.num_frames\) and 36 \(data.metrics.long_num_frames\): set "
+                                         r"data.metrics.long_num_frames=1 and leave eval.num_frames null$"):
+        evaluate_toy(method, None, long.data, 0, 0, tmp_path, 1, teacher=True)
