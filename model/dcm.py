@@ -15,11 +15,15 @@ below it (multiphase = 1, the reference's: the semantic expert jumps to the boun
 A clean clip x0 (data) is noised to x_j = (1 - s_j) x0 + s_j eps; the student's jump and its target are
 
     x̂_e = x_j + (s_e - s_j) v_θ(x_j, s_j)                                   (PCM's parameterisation)
-    x_e  = x_{j-1} + (s_e - s_{j-1}) v_θ⁻(x_{j-1}, s_{j-1})                  (θ⁻: the EMA of θ, one teacher step later)
+    x_e  = x_{j-1} + (s_e - s_{j-1}) v_θ⁻(x_{j-1}, s_{j-1})                  (θ⁻ one teacher step later, no gradient)
 
-(x_e = x_{j-1} itself when j - 1 = e). Loss: pseudo-Huber mean(sqrt((x̂_e - x_e)^2 + c^2) - c), c = 0.001 as the
-reference; the semantic expert adds the temporal-coherence term (DCM Sec. 3.3), the MSE between differences of
-latent frames `temporal_gap` apart, Δx[f] = x[f + gap] - x[f], of x̂_e and of x_e.
+(x_e = x_{j-1} itself when j - 1 = e). θ⁻ is the live student θ under stop-gradient (target_decay = 0: the reference's
+Wan scripts, which pass no --use_ema), or with target_decay = d > 0 an EMA of θ of its own, θ⁻ <- d θ⁻ + (1 - d) θ
+once a step (ConsistencyTarget), apart from the run's exported EMA (ema_weight). Loss: pseudo-Huber
+mean(sqrt((x̂_e - x_e)^2 + c^2) - c), c = 0.001 as the reference; the semantic expert adds the temporal-coherence
+term (DCM Sec. 3.3), the MSE between differences of latent frames `temporal_gap` apart, Δx[f] = x[f + gap] - x[f],
+of x̂_e and of x_e. Every phase's upper end must be one of the student's steps (denoising_step_list), so that the
+step before it lands on its phase's end.
 
 The detail expert is a peft LoRA on the semantic expert's attention (rank 128, alpha 256 as the reference) plus
 its own copies of the time embedding and the output projection (DualExpertDiT). Its loss adds a GAN term
@@ -39,7 +43,6 @@ rollout's steps Euler steps along the student's jumps, the reference's sampler.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import asdict, dataclass, field
 
@@ -50,11 +53,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from model.base import MethodConfig, SelfForcingModel
 from model.contract import Network, Phase
-from model.schedule import shift_time
+from model.schedule import shift_time, unshift_time
 from model.wan.discriminator import DESIGNS, DiscriminatorHead, default_blocks
 from model.wan.transformer import WanDiT
 from model.wan.weights import backbone_config, check_keys, load_strict, read_state_dict
 from pipeline.rollout import chunk_starts
+from utils.ema import clean_name
+from utils.fsdp import reshard
 
 MODES = ("semantic", "fine", "both")
 EXPERTS = ("semantic", "detail")
@@ -108,6 +113,7 @@ class DCMConfig(MethodConfig):
     semantic_steps: int = 0  # mode=both: steps of the semantic stage; the detail stage trains from then on
     euler_steps: int = 50  # N, the teacher's Euler steps from noise to data (the reference's num_euler_timesteps)
     multiphase: int = 1  # phases per expert (the reference: 1)
+    target_decay: float = 0.0  # θ⁻'s EMA decay (not the exported EMA's ema_weight); 0: the live student, no gradient (the reference)
     boundary: float = 0.7  # the experts' split of the Euler grid in uniform time: k = round(boundary N) (the reference: 35 / 50)
     huber_c: float = 0.001  # c of the pseudo-Huber loss
     temporal_weight: float = 1.0  # the semantic expert's temporal-coherence term
@@ -144,6 +150,17 @@ class DCMConfig(MethodConfig):
         if self.multiphase > min(k, n - k):
             raise ValueError(f"method.multiphase={self.multiphase} is more phases than an expert has Euler steps "
                              f"(semantic {n - k}, detail {k} of method.euler_steps={n}); lower it or raise euler_steps")
+        if not 0 <= self.target_decay < 1:
+            raise ValueError(f"method.target_decay must be in [0, 1) (0: the live student is the consistency target), "
+                             f"got {self.target_decay}")
+        missing = self.unstepped_tops()
+        if missing:
+            expected = [self.step_of(j) for j in self.phase_tops]
+            raise ValueError(f"method.denoising_step_list={list(self.denoising_step_list)} misses the upper end of a phase "
+                             f"({[self.step_of(j) for j in missing]}: grid points {missing} of method.euler_steps="
+                             f"{self.euler_steps}), so a step would not land on its phase's end; with method.multiphase="
+                             f"{self.multiphase} and method.boundary={self.boundary} the steps must include {expected}, "
+                             f"e.g. method.denoising_step_list={expected}")
         if self.mode == "both" and self.semantic_steps < 1:
             raise ValueError(f"method.semantic_steps must be >= 1 with method.mode=both (the steps before the detail "
                              f"stage), got {self.semantic_steps}")
@@ -160,6 +177,25 @@ class DCMConfig(MethodConfig):
     def split(self) -> int:
         """k: the detail expert's grid points are 1..k, the semantic expert's k+1..N."""
         return round(self.boundary * self.euler_steps)
+
+    @property
+    def phase_tops(self) -> list[int]:
+        """The grid points where a phase begins from above, high to low: N and every phase edge above 0. A step of
+        the student at each of them makes the step before it land on its phase's end (PCM's sampling)."""
+        n, k = self.euler_steps, self.split
+        edges = phase_edges(k, n, self.multiphase) + phase_edges(0, k, self.multiphase)
+        return sorted({n, *edges} - {0}, reverse=True)
+
+    def step_of(self, j: int) -> float:
+        """Grid point j as a denoising_step_list entry (uniform time x 1000 when the list is warped, else shifted)."""
+        u = j / self.euler_steps
+        return round(1000.0 * (u if self.warp_denoising_step else float(shift_time(u, self.timestep_shift))), 2)
+
+    def unstepped_tops(self) -> list[int]:
+        """Phase tops no step sits on (to half a timestep in uniform time)."""
+        steps = [float(t) / 1000 for t in self.denoising_step_list]
+        uniform = steps if self.warp_denoising_step else [float(unshift_time(s, self.timestep_shift)) for s in steps]
+        return [j for j in self.phase_tops if min(abs(u - j / self.euler_steps) for u in uniform) > 0.5e-3]
 
     @property
     def boundary_timestep(self) -> float:
@@ -369,6 +405,37 @@ def adapter_parts(weights: dict[str, torch.Tensor], detail: DetailConfig) -> dic
     return {"adapter": adapter, "adapter_config": {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}}
 
 
+class ConsistencyTarget(nn.Module):
+    """θ⁻ for method.target_decay = d > 0: a copy of the generator (both experts) folded towards it once a step,
+    θ⁻ <- d θ⁻ + (1 - d) θ, before the step's losses (so d = 0 would be θ itself). Not a WanDiT itself, so the engine
+    keeps it in fp32, as an EMA's shadow (bf16 would not register a 1e-6 step); sharded like the generator (FSDP
+    finds the same blocks), so the fold is shard-local. `folded` (the last step folded in) is checkpointed with it.
+    With d = 0 it holds no copy (`net` None: the live student is the target), only that counter."""
+
+    def __init__(self, generator: DualExpertDiT | None, decay: float, compute: torch.dtype = torch.float32):
+        super().__init__()
+        self.net = None if generator is None else copy.deepcopy(generator).float()
+        if self.net is not None:
+            self.net.autocast_dtype = None if compute == torch.float32 else compute
+        self.decay = decay
+        self.register_buffer("folded", torch.tensor(-1, dtype=torch.long))
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.net(*args, **kwargs)  # through the container, whose FSDP root gathers the weights outside the blocks
+
+    @torch.no_grad()
+    def fold(self, generator: nn.Module, step: int) -> None:
+        """Fold in the generator's current weights (those after step - 1's update), once per step."""
+        if self.net is None or step <= int(self.folded):
+            return
+        local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731  (a DTensor's shard)
+        theirs = {clean_name(n): p for n, p in generator.named_parameters()}
+        mine = [(local(p), local(theirs[clean_name(n)])) for n, p in self.net.named_parameters()]
+        torch._foreach_lerp_([m for m, _ in mine], [t.float() for _, t in mine], 1.0 - self.decay)
+        self.folded.fill_(step)
+        reshard(self.net)  # a unit kept gathered since its last forward would hold the old weights
+
+
 # ---------------------------------------------------------------------------- builders of DCM's networks
 def _backbone(cfg) -> dict:
     """The Wan DiT config: model.backbone, or the transformer config of the Wan folder model.path."""
@@ -409,6 +476,13 @@ def build_feature_net(cfg, built: dict) -> nn.Module:
     return net
 
 
+def build_target(cfg, built: dict) -> ConsistencyTarget:
+    """θ⁻'s own copy when method.target_decay > 0; else none (the live student is the target)."""
+    decay = dcm_config(cfg.method).target_decay
+    generator = built["generator"] if decay > 0 else None
+    return ConsistencyTarget(generator, decay, getattr(torch, cfg.model.dtype))  # model.dtype: float32 | bfloat16
+
+
 def feature_blocks(gan: DCMGANConfig, depth: int) -> list[int]:
     blocks = default_blocks(depth) if gan.blocks is None else list(gan.blocks)
     bad = [i for i in blocks if not 0 <= i < depth]
@@ -438,6 +512,7 @@ class DCM(SelfForcingModel):
     networks = {
         **{k: v for k, v in SelfForcingModel.networks.items() if k in ("text_encoder", "vae", "teacher")},
         "generator": Network("generator", build=build_generator, trained=True, ema=True),
+        "target": Network("consistency_target", build=build_target, state=True),
         "feature_net": Network("feature_net", build=build_feature_net),
         "discriminator": Network("discriminator", build=build_discriminator, trained=True, blocks=()),
     }
@@ -467,6 +542,8 @@ class DCM(SelfForcingModel):
     def reseed(self, seed: int, step: int, phase: str, sample_ids: list[int]) -> None:
         super().reseed(seed, step, phase, sample_ids)
         self.step = step
+        if phase == "generator":
+            self.consistency_target.fold(self.generator, step)  # the previous step's update
 
     def detail_stage(self, step: int) -> bool:
         """Whether `step` trains the detail expert (the discriminator's phase runs only then)."""
@@ -513,13 +590,11 @@ class DCM(SelfForcingModel):
         v_u = self.real_score(x, t, self.negative(x.shape[0])).float()
         return v_u + (1 + g) * (v_c - v_u)
 
-    @contextlib.contextmanager
-    def target_weights(self):
-        """The generator with its EMA weights inside the block (the consistency target), once the EMA has started;
-        before, its own weights (as the reference without an EMA)."""
-        ema = self.emas.get("generator")
-        with ema.applied_to(self.generator) if ema is not None and ema.active else contextlib.nullcontext():
-            yield
+    @property
+    def target_net(self) -> nn.Module:
+        """θ⁻: the generator itself (target_decay 0; called without gradient) or its EMA copy."""
+        target = self.consistency_target
+        return self.generator if target.net is None else target
 
     def causal(self, frames: int):
         """The block pattern for a block-causal student, None for a bidirectional one (one block)."""
@@ -529,7 +604,7 @@ class DCM(SelfForcingModel):
         """One expert's jump to its phase end from noised clean clips, and the consistency target.
 
         Every block of a clip is at its own grid point (one block: one point per clip); the teacher, the
-        EMA and the student see the clip with per-frame timesteps. Returns pred x̂_e (with grad when `grad`),
+        target θ⁻ and the student see the clip with per-frame timesteps. Returns pred x̂_e (with grad when `grad`),
         target x_e, the phase ends e and s_e [B, F], and the text context."""
         clips, prompts = self.clean_clips(batch)
         context = self.encode(prompts)
@@ -545,8 +620,7 @@ class DCM(SelfForcingModel):
         causal = self.causal(f)
         with torch.no_grad():
             x_prev = x_t + col(s_prev - s) * self.teacher_flow(x_t, time(s), context)  # the teacher's Euler step
-            with self.target_weights():
-                v_target = self.generator(x_prev, time(s_prev), context, causal=causal, expert=expert).float()
+            v_target = self.target_net(x_prev, time(s_prev), context, causal=causal, expert=expert).float()
             target = x_prev + col(s_e - s_prev) * v_target
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             v = self.generator(x_t, time(s), context, causal=causal, expert=expert).float()

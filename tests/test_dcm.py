@@ -2,6 +2,7 @@
 (where gradients go, the switch by timestep, the exported experts and the adapter file), inference's Euler steps,
 mode=both resumed mid-stage, one step of each stage on the tiny Wan folder, and one-line errors for bad input."""
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -16,8 +17,8 @@ from engine.build import build_method
 from engine.config import validate
 from engine.lora import load_adapter
 from engine.trainer import DataSources, updates_of
-from model.dcm import (DCM, DCMConfig, DualExpertDiT, euler_sigmas, is_detail, phase_edges, phase_end, pseudo_huber,
-                       temporal_loss)
+from model.dcm import (DCM, ConsistencyTarget, DCMConfig, DualExpertDiT, euler_sigmas, is_detail, phase_edges, phase_end,
+                       pseudo_huber, temporal_loss)
 from model.schedule import FlowSchedule, shift_time
 from model.wan.attention import CausalPattern
 from model.wan.transformer import WanDiT
@@ -65,7 +66,7 @@ def test_the_grid_is_the_references_and_phases_end_at_their_edges():
 
 
 def test_teacher_step_with_cfg_and_the_consistency_target_match_a_hand_computation():
-    cfg = tiny("method.guidance_scale=2.0", "method.num_frame_per_block=6", "ema_weight=0")
+    cfg = tiny("method.guidance_scale=2.0", "method.num_frame_per_block=6")
     method = build_method(cfg, CPU)
     batch = batch_of(cfg, method, 3)
     out = method.jumps(batch, "semantic", grad=False)
@@ -92,6 +93,77 @@ def test_teacher_step_with_cfg_and_the_consistency_target_match_a_hand_computati
     pred = x_t + (s_end - s).float() * method.generator(x_t, t, context, expert="semantic")
     assert torch.allclose(out["target"], target, atol=1e-5) and torch.allclose(out["pred"], pred, atol=1e-5)
     assert out["e"].unique().tolist() == [35]
+
+
+def test_the_consistency_target_is_the_live_student_or_its_own_ema_and_takes_no_gradient():
+    # target_decay 0 (the reference's): θ⁻ is the generator itself, called without gradient; no copy is kept
+    cfg = tiny("method.num_frame_per_block=6")
+    method = build_method(cfg, CPU)
+    assert method.consistency_target.net is None and method.target_net is method.generator
+    out = method.jumps(batch_of(cfg, method, 3), "detail", grad=True)
+    assert out["pred"].grad_fn is not None and out["target"].grad_fn is None
+    # target_decay 0.5: a copy of θ_0 that folds in θ once per step, before the step's losses
+    cfg = tiny("method.num_frame_per_block=6", "method.target_decay=0.5", "ema_weight=0.9", "ema_start_step=0")
+    method = build_method(cfg, CPU)
+    target = method.consistency_target
+    assert isinstance(target, ConsistencyTarget) and method.target_net is target
+    theta0 = {n: p.detach().clone() for n, p in method.generator.named_parameters()}
+    assert [n for n, p in target.net.named_parameters() if not torch.equal(p, theta0[n]) or p.requires_grad] == []
+
+    def update(delta: float) -> None:  # a fixed optimizer step: every weight of both experts + delta
+        with torch.no_grad():
+            for p in method.generator.parameters():
+                p.add_(delta)
+
+    def target_is(offset: float) -> bool:
+        return all(torch.allclose(p, theta0[n] + offset, atol=1e-6) for n, p in target.net.named_parameters())
+
+    batch_of(cfg, method, 0)  # step 0 folds θ_0 into itself
+    update(0.01)
+    batch_of(cfg, method, 1)  # 0.5 θ_0 + 0.5 (θ_0 + 0.01)
+    assert target_is(0.005) and int(target.folded) == 1
+    batch_of(cfg, method, 1)  # a second micro-batch of step 1 folds nothing
+    assert target_is(0.005)
+    update(0.02)
+    batch = batch_of(cfg, method, 2)  # 0.5 (θ_0 + 0.005) + 0.5 (θ_0 + 0.03)
+    assert target_is(0.0175)
+    out = method.jumps(batch, "detail", grad=True)
+    loss = pseudo_huber(out["pred"], out["target"], 0.001)
+    loss.backward()
+    assert out["target"].grad_fn is None and all(p.grad is None for p in target.parameters())
+    # by hand, with the same draws: the detail expert's jump to 0 from one teacher step below a point j in (0, 35]
+    batch = batch_of(cfg, method, 2)
+    clips, context = method.vae.encode(batch["video"]).float(), method.encode(batch["prompts"])
+    j = method.block_step_index(clips.shape[0], clips.shape[1], 1, 36)
+    noise = method.rng.randn_like(clips)
+    s, s_prev = (shift_time(i.double() / 50, 5.0)[:, :, None, None, None].float() for i in (j, j - 1))
+    x_t = (1 - s) * clips + s * noise
+    x_prev = x_t + (s_prev - s) * method.real_score(x_t, 1000 * s[:, :, 0, 0, 0], context).float()  # no CFG: the toy's 0
+    ema = copy.deepcopy(method.generator)
+    with torch.no_grad():
+        for n, p in ema.named_parameters():
+            p.copy_(theta0[n] + 0.0175)
+        jump = lambda net: x_prev - s_prev * net(x_prev, 1000 * s_prev[:, :, 0, 0, 0], context, expert="detail")  # noqa: E731
+        assert torch.allclose(out["target"], jump(ema), atol=1e-5)
+        assert not torch.allclose(out["target"], jump(method.generator), atol=1e-3)  # not the live student's
+        pred = x_t - s * method.generator(x_t, 1000 * s[:, :, 0, 0, 0], context, expert="detail")
+    assert torch.allclose(out["pred"], pred, atol=1e-5)
+
+
+def test_the_steps_must_sit_on_every_phases_upper_end():
+    two = DCMConfig(timestep_shift=5.0, multiphase=2, denoising_step_list=[1000, 840, 700, 340])
+    assert two.phase_tops == [50, 42, 35, 17] and two.unstepped_tops() == []  # edges 35, 42 and 0, 17 (floor(35 / 2))
+    assert [two.step_of(j) for j in two.phase_tops] == [1000, 840, 700, 340]
+    # an unwarped list gives the same points as shifted timesteps: 1000 shift(j / 50) at shift 5
+    shifted = DCMConfig(timestep_shift=5.0, multiphase=2, warp_denoising_step=False,
+                        denoising_step_list=[1000, 963.3, 921.05, 720.34])
+    assert shifted.unstepped_tops() == [] and shifted.step_of(42) == pytest.approx(1000 * 4.2 / 4.36, abs=0.01)
+    # multiphase 1: the noise end and the boundary; a step between them is allowed (the default's 850)
+    assert DCMConfig().phase_tops == [50, 35] and DCMConfig().unstepped_tops() == []
+    with pytest.raises(ValueError) as error:
+        DCMConfig(timestep_shift=5.0, multiphase=2)  # the default [1000, 850, 700, 350]
+    assert "misses the upper end of a phase ([840.0, 340.0]: grid points [42, 17] of method.euler_steps=50)" in str(error.value)
+    assert "e.g. method.denoising_step_list=[1000.0, 840.0, 700.0, 340.0]" in str(error.value)
 
 
 def test_pseudo_huber_and_the_temporal_term_on_hand_made_inputs():
@@ -194,7 +266,8 @@ def run(tmp_path: Path, name: str, *overrides: str) -> Path:
     return tmp_path / name
 
 
-BOTH = ("method.semantic_steps=2", "max_steps=4", "checkpoint.every=1", "logger.every=1")
+# θ⁻ as its own EMA: resumed runs must restore it (a state network) and its fold count
+BOTH = ("method.semantic_steps=2", "max_steps=4", "checkpoint.every=1", "logger.every=1", "method.target_decay=0.5")
 
 
 @pytest.fixture(scope="module")
@@ -303,6 +376,7 @@ def test_one_step_of_each_stage_on_the_tiny_wan_folder(tiny_wan_folder, tmp_path
     overrides = wan_overrides(tiny_wan_folder, "model.text_encoder.text_len=16", "method.gan.blocks=[0,1]",
                               "method.mode=both", "method.semantic_steps=1", "method.detail.rank=4",
                               "method.detail.alpha=8", "method.euler_steps=10", "logger.every=1",
+                              "method.denoising_step_list=[1000,700]",  # the boundary (0.7) is a step
                               f"data.videos.path={tmp_path / 'latents'}", preset="dcm_wan")
     cfg = compose_config(*overrides, tiny=False)
     write_random_latents(cfg, 2, tmp_path / "latents")
@@ -325,6 +399,9 @@ def test_one_step_of_each_stage_on_the_tiny_wan_folder(tiny_wan_folder, tmp_path
     (("method.multiphase=16",), "method.multiphase=16 is more phases than an expert has Euler steps (semantic 15"),
     (("method.semantic_steps=0",), "method.semantic_steps must be >= 1 with method.mode=both"),
     (("method.boundary=0.999",), "rounds to 50, leaving an expert no Euler step"),
+    (("method.target_decay=1.0",), "method.target_decay must be in [0, 1)"),
+    (("method.multiphase=2",), "method.denoising_step_list=[1000, 850, 700, 350] misses the upper end of a phase"),
+    (("method.boundary=0.5",), "misses the upper end of a phase ([500.0]: grid points [25]"),
 ])
 def test_bad_settings_fail_at_validation_in_one_line(overrides, message):
     with pytest.raises(ValueError) as error:
