@@ -41,10 +41,28 @@ def prompts(count: int) -> list[str]:
     return [" ".join(f"a {c} {t} {m} {p}".split()) for p, m, c, t in itertools.islice(combos, count)]
 
 
+def make_wan_folder(folder: Path, tiny: bool, device: torch.device) -> Path:
+    """A random Wan folder: the tests' tiny one, or Wan2.1-T2V-1.3B's size (scripts/make_random_wan_folder.py, its
+    transformer made here, on the device in bf16, so the folder is quick to write and read)."""
+    from tests.wan_folder import make_tiny_wan_folder
+
+    if tiny:
+        return make_tiny_wan_folder(folder)
+    from diffusers import WanTransformer3DModel
+
+    from scripts.make_random_wan_folder import WAN_1_3B, main as make_folder
+
+    make_folder(str(folder), transformer=False)
+    with torch.device(device):  # random init on the GPU: seconds, not minutes of CPU
+        transformer = WanTransformer3DModel(**WAN_1_3B).to(torch.bfloat16)
+    transformer.save_pretrained(folder / "transformer")
+    return folder
+
+
 def make_assets(root: Path, tiny: bool, device: torch.device) -> dict:
     """The Wan folder, the student .pt, a CLIP folder; each written once (a marker file says it is complete)."""
+    from model.wan.weights import read_state_dict
     from tests.test_video_metrics import make_tiny_clip
-    from tests.wan_folder import make_tiny_wan_folder
 
     root.mkdir(parents=True, exist_ok=True)
     folder, pt, clip = root / "wan", root / "student.pt", root / "clip"
@@ -52,28 +70,17 @@ def make_assets(root: Path, tiny: bool, device: torch.device) -> dict:
     if done.is_file():
         return {"folder": folder, "pt": pt, "clip": clip}
     start = time.perf_counter()
+    make_wan_folder(folder, tiny, device)
     if tiny:
-        make_tiny_wan_folder(folder)
         make_tiny_clip(clip)
-        from model.wan.weights import read_state_dict
-
-        weights = read_state_dict(folder)
     else:
-        from diffusers import WanTransformer3DModel
         from transformers import CLIPConfig, CLIPModel
 
-        from scripts.make_random_wan_folder import WAN_1_3B, main as make_folder
         from tests.wan_folder import _tokenizer
 
-        make_folder(str(folder), transformer=False)
-        with torch.device(device):  # random init on the GPU: seconds, not minutes of CPU
-            transformer = WanTransformer3DModel(**WAN_1_3B).to(torch.bfloat16)
-        transformer.save_pretrained(folder / "transformer")
-        weights = {k: v.cpu() for k, v in transformer.state_dict().items()}
-        del transformer
         CLIPModel(CLIPConfig()).save_pretrained(clip)  # CLIPConfig's defaults are ViT-B/32's
         _tokenizer().save_pretrained(clip)
-    torch.save({"generator_ema": weights}, pt)
+    torch.save({"generator_ema": read_state_dict(folder)}, pt)  # the teacher's weights as the student's
     done.write_text("")
     print(f"assets written to {root} in {time.perf_counter() - start:.1f} s", flush=True)
     return {"folder": folder, "pt": pt, "clip": clip}

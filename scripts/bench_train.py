@@ -86,8 +86,9 @@ def build_sharded(cfg, dist):
     return device, method, DataSources(cfg.data, cfg.batch_size, dist.world_size, 1)
 
 
-def bench(cfg, dist, steps: int, warmup: int = 1, exit_schedule: list[int] | None = None) -> dict:
-    device, method, data = build_sharded(cfg, dist)
+def bench(cfg, dist, steps: int, warmup: int = 1, exit_schedule: list[int] | None = None, built=None) -> dict:
+    """built: build_sharded's (device, method, data), for a caller that goes on using the method (bench_image.py)."""
+    device, method, data = built or build_sharded(cfg, dist)
     cuda = device.type == "cuda"
     global_tokens = clip_tokens(cfg, method) * cfg.batch_size * dist.world_size
     result = {
