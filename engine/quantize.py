@@ -35,10 +35,11 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from model.wan.fp8 import fp8_unsupported  # the capability check, shared with inference's fp8 DiT
+
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("bf16", "int8", "fp8")
-FP8_CAPABILITY = (8, 9)  # Ada / Hopper and later: the first GPUs with fp8 arithmetic
 
 
 def is_quantized(precision: str | None) -> bool:
@@ -64,15 +65,6 @@ def check_precision(name: str, precision: str | None, trained: bool, device: tor
             raise ValueError(f"{key} needs {why}; use int8 or bf16")
 
 
-def fp8_unsupported(device: torch.device) -> str | None:
-    """Why fp8 arithmetic cannot run on `device`, or None where it can."""
-    cuda = device.type == "cuda" and torch.cuda.is_available()
-    if cuda and torch.cuda.get_device_capability(device) >= FP8_CAPABILITY:
-        return None
-    where = torch.cuda.get_device_name(device) if cuda else "a machine without CUDA" if device.type == "cuda" else device.type
-    return f"a GPU with fp8 arithmetic (compute capability >= 8.9: Ada, Hopper or later), but this run is on {where}"
-
-
 def _torchao_config(precision: str):
     # set_inductor_config=False: torchao would otherwise change torch._inductor's global flags, and the
     # trained networks' compiled blocks must compile as they do without a quantised teacher
@@ -88,36 +80,6 @@ def quantize_linear(layer: nn.Linear, precision: str) -> None:
     from torchao.quantization import quantize_
 
     quantize_(layer, _torchao_config(precision))
-
-
-# The DiT block layers speed.dit_precision=fp8 leaves in bf16: the cross-attention's text keys and values,
-# computed once per prompt into the cache that every step and chunk reads.
-FP8_KEEP = ("attn2.to_k", "attn2.to_v")
-
-
-def fp8_layers(dit: nn.Module) -> list[str]:
-    """The names of the layers fp8_matmuls converts: the blocks' nn.Linear layers but FP8_KEEP."""
-    return [name for name, m in dit.named_modules() if type(m) is nn.Linear and name.startswith("blocks.")
-            and not name.endswith(FP8_KEEP)]
-
-
-def fp8_matmuls(dit: nn.Module) -> list[str]:
-    """speed.dit_precision=fp8 (inference): every linear layer of the DiT's blocks but FP8_KEEP runs in fp8,
-    in place, through torchao's Float8DynamicActivationFloat8WeightConfig with per-row scales (e4m3 weights
-    scaled per output row once; each call scales its activations per token, then one fp8 matrix product,
-    torch._scaled_mm, with a bf16 output). The embeddings, the time projection and the output head stay
-    bf16. Not exact: docs/performance.md reports the error against bf16. Returns the converted layers' names."""
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
-
-    names = fp8_layers(dit)
-    if not names:
-        raise ValueError(f"speed.dit_precision=fp8: {type(dit).__name__} has no linear layers under blocks.")
-    chosen = set(names)
-    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
-    quantize_(dit, config, filter_fn=lambda m, name: name in chosen)
-    log.info("speed.dit_precision=fp8: %d linear layers of the DiT's blocks in fp8 (per-row scales), %.2f GiB of weights",
-             len(names), weight_bytes(dit) / 2**30)
-    return names
 
 
 def round_trip(precision: str) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -233,7 +233,8 @@ def startup(overrides: list[str], ranks: int, device_type: str, work: Path) -> d
 def precision_worker(rank: int, folder: str, device_type: str, tiny: bool, out: Path) -> None:
     """The 1.3B teacher's flow on one fixed clip (21 latent frames of 60 x 104, random text of 512 x 4096;
     tiny: the tiny folder's shapes) stored in fp32, bf16, int8 and (on a GPU with fp8) fp8: relative errors."""
-    from engine.quantize import FP8_CAPABILITY, set_precision
+    from engine.quantize import set_precision
+    from model.wan.fp8 import fp8_unsupported
     from model.wan.weights import load_backbone
 
     device = torch.device(device_type)
@@ -247,7 +248,7 @@ def precision_worker(rank: int, folder: str, device_type: str, tiny: bool, out: 
         flows = {"fp32": reference(x, t, context).float()}
         reference.to(torch.bfloat16)
         flows["bf16"] = reference(x, t, context).float()
-        kinds = ["int8"] + (["fp8"] if device.type == "cuda" and torch.cuda.get_device_capability(device) >= FP8_CAPABILITY else [])
+        kinds = ["int8"] + (["fp8"] if fp8_unsupported(device) is None else [])
         for kind in kinds:
             model = load_backbone(folder).to(device=device, dtype=torch.bfloat16).eval().requires_grad_(False)
             flows[kind] = set_precision(model, "teacher", kind)(x, t, context).float()

@@ -60,7 +60,7 @@ def test_dit_fp8_is_asked_for_and_refuses_what_cannot_run_it():
     """speed.dit_precision: bf16 (and null) leave the DiT alone, a typo and fp8 without fp8 arithmetic are
     one-line errors naming the key; fp8_matmuls picks every block linear layer but the text K/V (the GPU test
     in tests/test_speed_gpu.py runs them)."""
-    from engine.quantize import fp8_layers
+    from model.wan.fp8 import fp8_layers
 
     for value in ("bf16", None):
         assert resolve_levers(SpeedSchema(dit_precision=value), CPU)["dit_fp8"] is False

@@ -124,7 +124,7 @@ FP8_TOL = 0.1  # fp8 (e4m3: 3 mantissa bits) activations and weights through 3 b
 def test_fp8_dit_stays_near_bf16_and_replays_exactly_in_graphs():
     """speed.dit_precision=fp8: the blocks' linear layers become torchao fp8 tensors (the text K/V stay bf16),
     the rollout moves off bf16 by fp8's rounding and no more, and its CUDA graphs replay the eager fp8 path."""
-    from engine.quantize import fp8_matmuls, fp8_unsupported
+    from model.wan.fp8 import fp8_matmuls, fp8_unsupported
 
     if fp8_unsupported(torch.device("cuda")):
         pytest.skip(fp8_unsupported(torch.device("cuda")))

@@ -84,7 +84,7 @@ def resolve_levers(speed, device: torch.device, attention_backend: str = "sdpa")
 
 
 def _dit_fp8(precision, device: torch.device) -> bool:
-    from engine.quantize import fp8_unsupported
+    from model.wan.fp8 import fp8_unsupported
 
     if precision is None or precision == "bf16":
         return False
@@ -106,7 +106,7 @@ def apply_levers(generator, vae, levers: dict[str, bool]):
     if levers["fa4_attention"]:
         generator.set_attention_backend("fa4")  # FA4 for self-attention, cuDNN for the short cross-attention
     if levers.get("dit_fp8"):
-        from engine.quantize import fp8_matmuls
+        from model.wan.fp8 import fp8_matmuls
 
         fp8_matmuls(generator)  # in place: the generator's bf16 block weights are gone
     generator.set_fused_elementwise(levers["fused_elementwise"])
