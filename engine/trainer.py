@@ -226,7 +226,6 @@ class Trainer:
             for name, spec in networks.items():
                 if spec.ema:
                     self.emas[name] = EMA(getattr(method, spec.attr), cfg.ema_weight, cfg.ema_start_step)
-        method.emas = self.emas  # a loss may evaluate an EMA copy (model/base.py)
         self.state: dict = {name: o.net for name, o in self.optimized.items()}
         self.state.update({name: getattr(method, spec.attr) for name, spec in networks.items() if spec.state})
         for name, o in self.optimized.items():

@@ -144,9 +144,6 @@ class SelfForcingModel(torch.nn.Module, RolloutParts):
         self.rng: SampleRNG | None = None  # device draws, one stream per sample; set by reseed()
         self.host_rng = random.Random(0)  # host choices (exit steps, rollout length), agreed across ranks
         self._negative: torch.Tensor | None = None
-        # The engine's EMAs by network name (engine/trainer.py sets them): a loss that evaluates an EMA copy of a
-        # network (DCM's consistency target) swaps it in with `self.emas[name].applied_to(net)`.
-        self.emas: dict = {}
 
     @classmethod
     def inference_generator(cls, backbone: dict, method: dict) -> WanDiT:
