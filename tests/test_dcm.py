@@ -17,8 +17,8 @@ from engine.build import build_method
 from engine.config import validate
 from engine.lora import load_adapter
 from engine.trainer import DataSources, updates_of
-from model.dcm import (DCM, ConsistencyTarget, DCMConfig, DualExpertDiT, euler_sigmas, is_detail, phase_edges, phase_end,
-                       pseudo_huber, temporal_loss)
+from model.dcm import DCM, ConsistencyTarget, DCMConfig, euler_sigmas, phase_edges, phase_end, pseudo_huber, temporal_loss
+from model.wan.dual_expert import DualExpertDiT, is_detail
 from model.schedule import FlowSchedule, shift_time
 from model.wan.attention import CausalPattern
 from model.wan.transformer import WanDiT
@@ -209,7 +209,7 @@ def two_experts(seed: int = 0) -> DualExpertDiT:
 
     cfg = DCMConfig(timestep_shift=5.0, num_frame_per_block=6, num_training_frames=6, detail={"rank": 4, "alpha": 8})
     torch.manual_seed(seed)
-    net = DualExpertDiT.for_config(_backbone(compose_config()), cfg).eval()
+    net = DualExpertDiT(**_backbone(compose_config())).add_detail_expert(cfg.boundary_timestep, cfg.detail).eval()
     with torch.no_grad():
         for name, p in net.named_parameters():
             if is_detail(name):
