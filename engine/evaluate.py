@@ -30,7 +30,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from engine.build import BUILDERS, DTYPES
 from engine.config import DataSchema, ModelSchema
-from engine.inference import InferenceSchema, Item, Plan, generate, prepare, summarise
+from engine.inference import InferenceSchema, Plan, generate, prepare, summarise
+from engine.items import Item
 from engine.student import FP32_CAST_WARNING, run_config, without_log
 from engine.validation import teacher_clips, teacher_guidance
 from model.wan.attention import resolve_backend

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from engine.evaluation import sample_with
-from engine.inference import Item, make_items, read_png, write_png
+from engine.inference import read_png, write_png
+from engine.items import Item, make_items
 from model.image_kd import is_image_student
 from pipeline.ode import euler_sample, sigma_grid
 from utils.distributed import broadcast_object, log0

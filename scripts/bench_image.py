@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.build import DTYPES, backbone_config  # noqa: E402
 from engine.config import compose_checked, method_config  # noqa: E402
-from engine.inference import generate_images, make_items  # noqa: E402
+from engine.inference import generate_images  # noqa: E402
+from engine.items import make_items  # noqa: E402
 from engine.student import FP32_CAST_WARNING, Student, without_log  # noqa: E402
 from model.wan.attention import resolve_backend  # noqa: E402
 from model.wan.weights import load_strict  # noqa: E402

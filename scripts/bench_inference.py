@@ -46,7 +46,8 @@ from model.wan.transformer import WanDiT  # noqa: E402
 from model.wan.vae import WanVAE  # noqa: E402
 from pipeline.cuda_graphs import ChunkGraphs  # noqa: E402
 from pipeline.rollout import rollout  # noqa: E402
-from engine.inference import Item, Student, generate  # noqa: E402
+from engine.inference import Student, generate  # noqa: E402
+from engine.items import Item  # noqa: E402
 from utils.speed import LEVERS, SpeedSchema, apply_levers, resolve_levers  # noqa: E402
 
 OFF = dict.fromkeys(LEVERS, False)

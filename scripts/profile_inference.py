@@ -32,7 +32,8 @@ from pipeline.cuda_graphs import ChunkGraphs  # noqa: E402
 from pipeline.rollout import rollout  # noqa: E402
 from scripts.bench_attention import geometry  # noqa: E402
 from scripts.bench_inference import PROMPT, build, configurations, decode_chunks  # noqa: E402
-from engine.inference import Item, Student, generate  # noqa: E402
+from engine.inference import Student, generate  # noqa: E402
+from engine.items import Item  # noqa: E402
 from utils.speed import apply_levers  # noqa: E402
 
 KINDS = (  # first match wins; kernel names of cuDNN, cuBLAS (nvjet / sm90 xmma), inductor

@@ -238,7 +238,8 @@ def load(overrides: list[str], **viewer_args) -> Viewer:
     """A Viewer of the student that inference.py would build from these key=value overrides."""
     from hydra import compose, initialize_config_dir
 
-    from engine.inference import is_timeline, prepare
+    from engine.inference import prepare
+    from engine.items import is_timeline
     from engine.student import group_overrides
     from utils.distributed import pick_device
     from omegaconf import OmegaConf

@@ -236,7 +236,7 @@ def batch_clips(student, items, num_frames: int) -> torch.Tensor:
 
 
 def study_method(name: str, run_dir: Path, args, segs: Segments, world: ToyWorld) -> dict:
-    from engine.inference import Item
+    from engine.items import Item
 
     start = time.perf_counter()
     plan = load(run_dir)

@@ -17,6 +17,7 @@ from hydra import compose, initialize_config_dir
 
 import engine.evaluate as ev
 import engine.inference as inference
+import engine.items as items
 import engine.student as student
 from engine.build import backbone_config
 from engine.validation import teacher_clips
@@ -85,7 +86,7 @@ def test_toy_world_two_students_and_the_teacher(toy_pts, tiny_clip, tmp_path):
     out = tmp_path / "out"
     m = evaluate(out, f"checkpoints=[{a},{b}]", f"prompts={PROMPTS}", "teacher.steps=3", f"clip.weights={tiny_clip}",
                  "clip.frames=3", "batch_size=2")  # 3 items: batches of 2 and 1, the caches reused and rebuilt
-    stems = [f"000{i}_{inference.slug(p)}_seed0" for i, p in enumerate(PROMPTS)]
+    stems = [f"000{i}_{items.slug(p)}_seed0" for i, p in enumerate(PROMPTS)]
     assert sorted(p.name for p in out.iterdir()) == ["drift.png", "index.html", "metrics.json", "side_by_side", "videos"]
     assert sorted(p.name for p in (out / "videos").iterdir()) == ["a", "b", "teacher"]
     for folder in ("videos/a", "videos/b", "videos/teacher", "side_by_side"):

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import train
 import engine.inference as inference
+import engine.items as items
 import engine.student as student
 from tests.dist_setup import spawn_ranks
 from tests.wan_folder import tiny_wan_folder  # noqa: F401  (a fixture)
@@ -125,7 +126,7 @@ def test_noise_file_and_seed_list(run_dir, tmp_path):
     first = infer(tmp_path / "a", f"checkpoint={run_dir}", f"prompts={tmp_path / 'prompts.txt'}", "seed=[3,4]",
                   "save_latents=true")
     assert [(i["prompt"], i["seed"]) for i in first["items"]] == [(p, s) for p in prompts for s in (3, 4)]
-    noise = inference.SampleRNG([it.noise_key for it in inference.make_items(prompts, [3, 4])]).randn((4, 6, 3, 8, 8))
+    noise = inference.SampleRNG([it.noise_key for it in items.make_items(prompts, [3, 4])]).randn((4, 6, 3, 8, 8))
     torch.save(noise, tmp_path / "noise.pt")
     second = infer(tmp_path / "b", f"checkpoint={run_dir}", f"prompts={prompts}", "seed=[3,4]", "save_latents=true",
                    f"noise={tmp_path / 'noise.pt'}")

@@ -13,7 +13,8 @@ import model.wan.vae_layers as vae_layers
 from model.wan.vae import WanVAE
 from tests.wan_folder import TRANSFORMER, tiny_wan_folder  # noqa: F401  (a fixture)
 from tests.wan_tiny import randomize
-from engine.inference import Item, Student, generate
+from engine.inference import Student, generate
+from engine.items import Item
 from utils.speed import SpeedSchema, apply_levers, resolve_levers
 
 CPU = torch.device("cpu")

@@ -14,7 +14,8 @@ from pipeline.rollout import rollout
 from model.schedule import FlowSchedule
 from tests.wan_folder import TRANSFORMER, tiny_wan_folder  # noqa: F401  (a fixture)
 from tests.wan_tiny import TINY, randomize
-from engine.inference import Item, Student, generate
+from engine.inference import Student, generate
+from engine.items import Item
 from utils.speed import LEVERS, SpeedSchema, apply_levers, resolve_levers
 
 pytestmark = pytest.mark.gpu

@@ -14,7 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 import engine.inference as inference
-from engine.inference import Item, Student, generate
+import engine.items as items
+from engine.inference import Student, generate
+from engine.items import Item
 from engine.stream import Stream, StreamSchema, context_frames, shift_threshold
 from model.wan.attention import CausalPattern
 from model.wan.fused import apply_rope
@@ -265,10 +267,10 @@ def write(path: Path, text: str) -> str:
 
 def test_timeline_files_are_read_and_checked(tmp_path):
     one = write(tmp_path / "one.yaml", "- {start: 0, prompt: a red car}\n- {start: 2.5, prompt: ' a blue car '}\n")
-    assert inference.read_timelines(one) == [((0.0, "a red car"), (2.5, "a blue car"))]
+    assert items.read_timelines(one) == [((0.0, "a red car"), (2.5, "a blue car"))]
     two = write(tmp_path / "two.yml", "- [{start: 0, prompt: a}]\n- [{start: 0, prompt: b}, {start: 1, prompt: c}]\n")
-    assert inference.read_timelines(two) == [((0.0, "a"),), ((0.0, "b"), (1.0, "c"))]
-    assert inference.is_timeline(one) and inference.is_timeline("x.YML") and not inference.is_timeline("x.txt")
+    assert items.read_timelines(two) == [((0.0, "a"),), ((0.0, "b"), (1.0, "c"))]
+    assert items.is_timeline(one) and items.is_timeline("x.YML") and not items.is_timeline("x.txt")
     cases = [("", "holds no timeline"), ("[]", "holds no timeline"), ("- []\n", "timeline 0 is empty"),
              ("- {start: 0, prompt: a}\n- {start: 2, prompt: b}\n- {start: 1, prompt: c}\n",
               r"entry 2 starts at 1 s, not after entry 1 \(2 s\): starts must increase"),
@@ -280,14 +282,14 @@ def test_timeline_files_are_read_and_checked(tmp_path):
              ("- {start: 0, prompt: a\n", r"is not valid YAML \(line 2\)")]
     for i, (text, message) in enumerate(cases):
         with pytest.raises(ValueError, match=message) as err:
-            inference.read_timelines(write(tmp_path / f"bad{i}.yaml", text))
+            items.read_timelines(write(tmp_path / f"bad{i}.yaml", text))
         assert "\n" not in str(err.value)
     with pytest.raises(FileNotFoundError, match="does not exist; expected a YAML timeline"):
-        inference.read_timelines(str(tmp_path / "missing.yaml"))
+        items.read_timelines(str(tmp_path / "missing.yaml"))
 
 
 def test_timeline_entries_are_placed_at_chunk_starts():
-    pattern, place = CausalPattern(3, False, 21, 0), inference.place_timeline
+    pattern, place = CausalPattern(3, False, 21, 0), items.place_timeline
     timeline = ((0.0, "a"), (1.0, "b"), (2.2, "c"))  # chunks start at 0, 0.5625, 1.3125, 2.0625, 2.8125 s (16 fps, 4x)
     assert place(timeline, 21, 0, pattern, 4, 16, "t") == [(0, "a"), (6, "b"), (12, "c")]
     for timeline, context, message in [(((0.0, "a"), (5.1, "b")), 0, r"entry 1 starts at 5.1 s, past the end of the 5.0625 s video"),
@@ -297,7 +299,7 @@ def test_timeline_entries_are_placed_at_chunk_starts():
         with pytest.raises(ValueError, match=message):
             place(timeline, 21, context, pattern, 4, 16, "t")
     assert place(((0.0, "a"), (0.3, "b")), 21, 3, pattern, 4, 16, "t") == [(0, "a"), (3, "b")]  # the first new chunk
-    assert inference.frames_for_duration(5.0, 16, pattern, 4) == 21 and inference.frames_for_duration(5.1, 16, pattern, 4) == 24
+    assert items.frames_for_duration(5.0, 16, pattern, 4) == 21 and items.frames_for_duration(5.1, 16, pattern, 4) == 24
 
 
 def infer(out: Path, export: Path, *overrides: str) -> tuple[dict, torch.Tensor]:
@@ -331,7 +333,7 @@ def test_inference_continues_a_video_and_an_image(export, tmp_path):
     clip = ((torch.rand(7, 8, 8, 3, generator=gen) * 255).round().to(torch.uint8)).numpy()
     iio.imwrite(tmp_path / "clip.png", clip[0])
     iio.imwrite(tmp_path / "clip.mp4", clip, plugin="FFMPEG", fps=16, codec="libx264", macro_block_size=8)
-    given = inference.read_frames(str(tmp_path / "clip.mp4"), "init_video")  # H.264 is lossy: what inference reads
+    given = items.read_frames(str(tmp_path / "clip.mp4"), "init_video")  # H.264 is lossy: what inference reads
     assert given.shape == (7, 3, 8, 8) and given.min() >= -1 and given.max() <= 1
     index, latents = infer(tmp_path / "v", export, "prompts=[a red circle moving left]", "num_frames=4",
                            f"init_video={tmp_path / 'clip.mp4'}")
