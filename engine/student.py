@@ -35,7 +35,8 @@ from pipeline.cuda_graphs import ChunkGraphs
 from engine.build import DTYPES, backbone_config
 from engine.config import method_class, relative_hint
 from engine.lora import ADAPTER_WEIGHTS, add_adapters, load_adapter, lora_spec
-from utils.checkpoint import CheckpointManager, find_checkpoint
+from utils.checkpoint import CheckpointManager
+from utils.checkpoint_dirs import find_checkpoint
 from utils.speed import SpeedSchema, apply_levers, resolve_levers
 from utils.toy_metrics import match_rule
 

@@ -21,7 +21,8 @@ import utils.checkpoint as ckpt
 from engine.config import validate
 from tests.dist_setup import spawn_ranks
 from tests.train_setup import compose_config
-from utils.checkpoint import CheckpointManager, DamagedCheckpoint, config_changes, read_per_rank, resolve_resume
+from utils.checkpoint import CheckpointManager, config_changes, read_per_rank
+from utils.checkpoint_dirs import DamagedCheckpoint, resolve_resume
 from utils.distributed import barrier, init_distributed
 
 

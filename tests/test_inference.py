@@ -27,7 +27,7 @@ from model.wan.transformer import WanDiT
 from model.wan.weights import diffusers_to_wan, load_strict, read_state_dict
 from tests.train_setup import CONFIGS, TINY, compose_config
 from engine.build import build_method
-from utils.checkpoint import find_checkpoint
+from utils.checkpoint_dirs import find_checkpoint
 from engine.config import validate
 from engine.evaluation import sample
 

@@ -10,7 +10,8 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 import utils.checkpoint as ckpt
-from utils.checkpoint import CheckpointManager, find_checkpoint, latest, resolve_resume
+from utils.checkpoint import CheckpointManager
+from utils.checkpoint_dirs import find_checkpoint, latest, resolve_resume
 from utils.ema import EMA
 from utils.rng import get_rng_state, seed_everything, set_rng_state, step_generator
 
