@@ -1,4 +1,4 @@
-"""Shared utilities. Importing the package quiets one import-time notice that is not about the run: torchao
+"""Shared utilities. Importing the package quiets import-time notices that are not about the run: torchao
 (a requirement, for int8 / fp8 frozen networks and the fp8 DiT) is imported by diffusers and transformers
 whenever it is installed, and at that import it warns that its optional CUDA / CUTLASS extensions
 (`_C_*.so`) do not load on this build, registers enums with a deprecated torch API, and diffusers warns
