@@ -69,15 +69,13 @@ def evaluate_toy(method, generator, data_cfg, step: int, seed: int, run_dir: Pat
                          f"(eval.num_frames) and {metrics_cfg.long_num_frames} (data.metrics.long_num_frames): set "
                          "data.metrics.long_num_frames=1 and leave eval.num_frames null")
     for prefix, frames in lengths.items():
-        if prefix and frames == num_frames:  # the same draws of the same network: the same clips and scores
-            record.update({f"{prefix}{k}": v for k, v in list(record.items()) if k in scores})
-            continue
-        if teacher:
-            clips = sample_teacher(method.real_score, method.text_encoder, prompts, frames, metrics_cfg.teacher_steps,
-                                   shift=method.cfg.timestep_shift, generator=torch.Generator().manual_seed(seed))
-        else:
-            clips = sample(method, generator, prompts, frames, seed)
-        scores = evaluate(clips, prompts, world, **match_rule(metrics_cfg))
+        if not prefix or frames != num_frames:  # a long length equal to the training length: the same draws and scores
+            if teacher:
+                clips = sample_teacher(method.real_score, method.text_encoder, prompts, frames, metrics_cfg.teacher_steps,
+                                       shift=method.cfg.timestep_shift, generator=torch.Generator().manual_seed(seed))
+            else:
+                clips = sample(method, generator, prompts, frames, seed)
+            scores = evaluate(clips, prompts, world, **match_rule(metrics_cfg))
         record.update({f"{prefix}{k}": v for k, v in scores.items() if k != "coverage_per_prompt"})
         if prefix == "" and not teacher and write:
             first = clips[:: metrics_cfg.samples_per_prompt]
